@@ -39,12 +39,18 @@ inline int64_t div48(int64_t y, double inv_n) {
     return static_cast<int64_t>((static_cast<double>(y) + 0.5) * inv_n);
 }
 
-// floor(v / n) for any int64 v: split v = a·2^32 + b, divide the halves with div48's trick.
+// floor(v / n) for any int64 v. For |v| < 2^50 one float product is exact (the quotient sits at least 0.5/n
+// from an integer, the float error is below 2^-2/n); otherwise split v = a·2^32 + b and divide the halves.
 inline int64_t floordiv64(int64_t v, int64_t n, double inv_n, int64_t &rem) {
+    if (v >= -(int64_t(1) << 50) && v < (int64_t(1) << 50)) {
+        const double z = (static_cast<double>(v) + 0.5) * inv_n;
+        const int64_t q = static_cast<int64_t>(z) - (z < 0.0);
+        rem = v - q * n;
+        return q;
+    }
     const int64_t a = v >> 32;  // arithmetic shift: floor
     const double z = (static_cast<double>(a) + 0.5) * inv_n;
-    int64_t qa = static_cast<int64_t>(z);
-    if (z < static_cast<double>(qa)) --qa;
+    const int64_t qa = static_cast<int64_t>(z) - (z < 0.0);  // z is never an integer: trunc-1 is floor below 0
     const int64_t y2 = ((a - qa * n) << 32) | (v & 0xFFFFFFFFLL);
     const int64_t q2 = div48(y2, inv_n);
     rem = y2 - q2 * n;

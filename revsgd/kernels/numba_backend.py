@@ -5,8 +5,9 @@ order, so stream contents never depend on the thread count. A chunk stops at the
 (status code, lane untouched) and records its progress in ``begin`` / ``end``.
 
 Integer divisions by n ≤ 2^16 use float64: for 0 ≤ y < 2^48, ``trunc((y + 0.5) · (1/n)) == y // n`` exactly
-(the true quotient sits at least 0.5/n from an integer; the float error is below 2^-4/n). Signed 64-bit floor
-division splits v = a·2^32 + b and divides the two halves the same way.
+(the true quotient sits at least 0.5/n from an integer; the float error is below 2^-4/n). Signed floor division
+of |v| < 2^50 needs one such product (error below 2^-2/n); larger |v| is split as v = a·2^32 + b and the two
+halves are divided the same way.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ if available:
 
     _TWO63 = 2.0**63
     _TWO47 = 1 << 47
+    _TWO50 = 1 << 50
 
     @njit(parallel=True, cache=True, nogil=True)
     def _forward(V, W, G, alpha, n, heads, ptrs, lens, caps, begin, end, status, do_scale, has_w, has_g, twoF):
@@ -154,15 +156,18 @@ if available:
                 pop = False
                 if do_scale:
                     inv = 1.0 / ni
-                    a = v >> 32
-                    z = (np.float64(a) + 0.5) * inv
-                    qa = np.int64(z)
-                    if z < qa:
-                        qa -= 1
-                    y2 = ((a - qa * ni) << 32) | (v & 0xFFFFFFFF)
-                    q2 = np.int64((np.float64(y2) + 0.5) * inv)
-                    s = y2 - q2 * ni
-                    q = qa * 4294967296 + q2
+                    if v >= -_TWO50 and v < _TWO50:  # one float product is exact here
+                        z = (np.float64(v) + 0.5) * inv
+                        q = np.int64(z) - (1 if z < 0.0 else 0)
+                        s = v - q * ni
+                    else:                            # v = a·2^32 + b: divide the halves
+                        a = v >> 32
+                        z = (np.float64(a) + 0.5) * inv
+                        qa = np.int64(z) - (1 if z < 0.0 else 0)
+                        y2 = ((a - qa * ni) << 32) | (v & 0xFFFFFFFF)
+                        q2 = np.int64((np.float64(y2) + 0.5) * inv)
+                        s = y2 - q2 * ni
+                        q = qa * 4294967296 + q2
                     if q < -_TWO47 or q >= _TWO47:
                         code = 8
                         break
