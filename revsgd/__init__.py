@@ -21,3 +21,9 @@ __all__ = [
     "BACKENDS", "Tape", "ExactMomentum", "TapeFormatError", "TapeExhaustedError", "NonFiniteError",
     "set_num_threads", "quantize_momentum", "dequantize_momentum", "to_fixed", "from_fixed", "DEFAULT_FRAC_BITS",
 ]
+
+from .engine import EngineResult, ReversalError, Unroll, hypergrad_numpy  # noqa: E402
+from .unroll import HypergradResult, hypergrad, pinned_threads, unroll  # noqa: E402
+
+__all__ += ["hypergrad", "unroll", "HypergradResult", "ReversalError", "hypergrad_numpy", "Unroll", "EngineResult",
+            "pinned_threads"]
