@@ -565,39 +565,62 @@ def test_unscale_past_start(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad_lane", [0, 5, CHUNK - 1, 2 * CHUNK + 7, 3 * CHUNK + 4])
 def test_stream_runs_dry_inside_kernel_nothing_changes(backend, bad_lane):
-    """depth > 0 but one lane needs a word its chunk's stream doesn't hold: lanes after it were already done by a
-    compiled kernel (descending order) and must be replayed forward."""
+    """depth > 0 but one lane needs a word its chunk's stream doesn't hold. A compiled kernel has already undone
+    the lanes above it (descending order) and the other chunks; the driver must replay them forward."""
     L = 3 * CHUNK + 5
     rng = np.random.default_rng(7)
     X0 = rng.integers(-(2**40), 2**40, L)  # within the range of a scaled value: n = 1 below must not overflow
-    X, _, tape = run_tape(backend, X0, [65536, 65536])
+    n_arr = rng.integers(2**15, 2**16, L)  # fresh heads emit nothing for n >= 2: every stream stays empty
+    sched = [65536, n_arr]
+    X, _, tape = run_tape(backend, X0, sched)
+    assert tape._st.num_words == 0 and not tape.at_start()
     before, X_before = tape_snapshot(tape), X.copy()
-    n = np.full(L, 65536, dtype=np.int64)
-    n[bad_lane] = 1
+    bad_n = n_arr.copy()
+    bad_n[bad_lane] = 1   # head >> 16 == 1 < 2^16: this lane must pop a word from an empty stream
     with pytest.raises(TapeExhaustedError, match="nothing was changed"):
-        tape.unscale(X, n)
+        tape.unscale(X, bad_n)
     assert np.array_equal(X, X_before)
     assert tape_snapshot(tape) == before
-    unscale_all(tape, X, [65536, 65536])
+    unscale_all(tape, X, sched)
     assert np.array_equal(X, X0) and tape.at_start()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unscale_overflow_inside_kernel_nothing_changes(backend):
+@pytest.mark.parametrize("lane", [5, CHUNK + 9, 2 * CHUNK + 1])
+def test_unscale_overflow_inside_kernel_nothing_changes(backend, lane):
     L = 2 * CHUNK + 3
-    X0 = np.zeros(L, dtype=np.int64)
-    X0[CHUNK + 9] = I64_MAX
-    X0[2 * CHUNK + 1] = I64_MIN
-    X, _, tape = run_tape(backend, X0, [65536])
-    before = tape_snapshot(tape)
-    for lane in (CHUNK + 9, 2 * CHUNK + 1):
-        n = np.full(L, 65536, dtype=np.int64)
-        n[lane] = 1  # floor(X / 1) leaves the 2^47 range of a scaled value
-        with pytest.raises((OverflowError, TapeExhaustedError)):
-            tape.unscale(X, n)
-        assert np.array_equal(X, X0)
-        assert tape_snapshot(tape) == before
-    tape.unscale(X, 65536)
+    rng = np.random.default_rng(lane)
+    X0 = rng.integers(-(2**40), 2**40, L)
+    X0[lane] = I64_MAX if lane % 2 else I64_MIN
+    n_arr = rng.integers(2**15, 2**16, L)
+    X, _, tape = run_tape(backend, X0, [n_arr])
+    before, X_before = tape_snapshot(tape), X.copy()
+    bad_n = n_arr.copy()
+    bad_n[lane] = 1  # floor(X / 1) leaves the ±2^47 range of a scaled value
+    with pytest.raises((OverflowError, TapeExhaustedError), match="nothing was changed"):
+        tape.unscale(X, bad_n)
+    assert np.array_equal(X, X_before)
+    assert tape_snapshot(tape) == before
+    tape.unscale(X, n_arr)
+    assert np.array_equal(X, X0) and tape.at_start()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_unscale_near_the_2_50_division_fast_path_boundary(backend, sign):
+    """Compiled kernels divide |v| < 2^50 with one float product and split larger v: cover both sides."""
+    rng = np.random.default_rng(13 + sign)
+    L = 600
+    n_arr = np.where(rng.random(L) < 0.5, rng.integers(16, 300, L), rng.integers(16, 65537, L))  # 2^47·n > 2^50
+    target = sign * (2**50) + rng.integers(-3, 4, L) * n_arr + rng.integers(-2, 3, L)  # scaled values near ±2^50
+    X0 = np.array([(int(t) * 65536) // int(n) for t, n in zip(target, n_arr)], dtype=np.int64)
+    X0 += rng.integers(0, 65536, L)
+    model = ModelTape(L)
+    X, b, tape = run_tape(backend, X0, [n_arr])
+    Xm = model.scale(X0.tolist(), n_arr)
+    assert X.tolist() == Xm and b == model.to_bytes()
+    assert np.any(np.abs(X) < 2**50) and np.any(np.abs(X) >= 2**50)
+    tape.unscale(X, n_arr)
     assert np.array_equal(X, X0) and tape.at_start()
 
 
@@ -667,6 +690,22 @@ def test_float_division_fails_where_not_promised():
     y = np.arange(2**62 - 10**6, 2**62, dtype=np.int64)
     q = np.floor((y.astype(np.float64) + 0.5) * (1.0 / n)).astype(np.int64)
     assert np.any(q != y // n)
+
+
+def test_float_floor_division_below_2_50():
+    """floor((v + 0.5)·(1/n)) == v // n for -2^50 <= v < 2^50 (signed), also as trunc(z) − (z < 0)."""
+    rng = np.random.default_rng(12)
+    T = 2**50
+    for n in _divisors(rng):
+        n = int(n)
+        v = np.concatenate([np.arange(-T, -T + 3 * n + 3), np.arange(T - 3 * n - 3, T), np.arange(-3 * n, 3 * n + 1),
+                            rng.integers(-T, T, 300) // n * n + rng.choice([0, 1, n - 1, -1], 300),
+                            rng.integers(-T, T, 300)]).astype(np.int64)
+        v = v[(v >= -T) & (v < T)]
+        z = (v.astype(np.float64) + 0.5) * (1.0 / n)
+        expect = np.floor_divide(v, n)
+        assert np.array_equal(np.floor(z).astype(np.int64), expect), n
+        assert np.array_equal(z.astype(np.int64) - (z < 0.0), expect), n
 
 
 def _split_floordiv(v: np.ndarray, n: int):

@@ -14,6 +14,9 @@ The model is a small float64 5-8-3 tanh MLP whose minibatch is a pure function o
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,6 +181,11 @@ def plain_val(problem, lr, gamma, params0=None, hypers=None):
     hypers = h0 if hypers is None else hypers
     w = {k: params0[k].detach().clone() for k in NAMES}
     v = {k: torch.zeros_like(w[k]) for k in NAMES}
+    with revsgd.pinned_threads(1):
+        return _plain_val(train_loss, val_loss, w, v, hypers, lr, gamma)
+
+
+def _plain_val(train_loss, val_loss, w, v, hypers, lr, gamma):
     for t in range(lr.shape[0]):
         ps = {k: w[k].requires_grad_() for k in NAMES}
         gs = torch.autograd.grad(train_loss(ps, hypers, t), [ps[k] for k in NAMES])
@@ -372,7 +380,7 @@ def test_unroll_with_nn_module_matches_hypergrad():
         assert final[k].requires_grad and final[k].shape == params0[k].shape
         assert torch.equal(final[k].detach(), ref.params[k])
     loss = val_loss(final)
-    assert abs(float(loss) - ref.val_loss) <= 1e-14 * abs(ref.val_loss)
+    assert abs(float(loss.detach()) - ref.val_loss) <= 1e-14 * abs(ref.val_loss)
 
     leaves = [lr, mom, l2, *params0.values()]
     loss.backward(retain_graph=True)
@@ -508,6 +516,30 @@ def test_exact_independent_of_backend(kind):
         for (name, x), (_, y) in zip(grad_items(res), grad_items(ref)):
             assert torch.equal(x, y), (b, name)
         assert res.stats["tape_bytes"] > 0 and res.stats["info_bits"] == ref.stats["info_bits"], b
+
+
+_FRESH_PROCESS = r"""
+import sys
+import torch
+import revsgd
+p0 = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)}
+lr = torch.full((5,), 0.1, dtype=torch.float64)
+m = torch.full((5,), 0.9, dtype=torch.float64)
+res = revsgd.hypergrad(lambda p, h, t: ((p["w"] - 0.01 * t) ** 2).sum(), lambda p, h: (p["w"] ** 2).sum(), p0,
+                       lr=lr, momentum=m, backend=sys.argv[1], threads=1)
+assert res.stats["backend"] == sys.argv[1]
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("backend", [b for b in revsgd.BACKENDS if b != "numpy"])
+def test_first_kernel_call_in_a_process_keeps_torch_threads_pinned(backend):
+    """The first compiled-kernel call of a fresh process (threads=1, kernel pool of 2) must not change torch's
+    thread count mid-run: that would be a spurious ReversalError for a deterministic loss."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    p = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, backend], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
