@@ -674,7 +674,7 @@ def test_float_division_exact_below_2_48():
         k = np.unique(np.concatenate([np.arange(0, 200), kmax - np.arange(0, 200), rng.integers(0, kmax + 1, 600)]))
         k = k[(k >= 0) & (k <= kmax)]
         y = np.concatenate([k * n, k * n + n - 1, k * n - 1, k * n + n // 2, k * n + (n - 1) // 2, edge_y,
-                            top - np.arange(0, 3 * n + 3), rng.integers(0, top + 1, 500)])
+                            top - np.arange(0, min(3 * n + 3, 1000)), rng.integers(0, top + 1, 500)])
         y = y[(y >= 0) & (y <= top)]
         q = np.floor((y.astype(np.float64) + 0.5) * (1.0 / n)).astype(np.int64)
         expect = y // n
@@ -698,7 +698,10 @@ def test_float_floor_division_below_2_50():
     T = 2**50
     for n in _divisors(rng):
         n = int(n)
-        v = np.concatenate([np.arange(-T, -T + 3 * n + 3), np.arange(T - 3 * n - 3, T), np.arange(-3 * n, 3 * n + 1),
+        m = min(3 * n + 3, 1000)
+        v = np.concatenate([np.arange(-T, -T + m), np.arange(T - m, T), np.arange(-m, m + 1),
+                            -T + np.arange(1, 200) * n + rng.choice([0, 1, n - 1, -1], 199),
+                            T - np.arange(1, 200) * n + rng.choice([0, 1, n - 1, -1], 199),
                             rng.integers(-T, T, 300) // n * n + rng.choice([0, 1, n - 1, -1], 300),
                             rng.integers(-T, T, 300)]).astype(np.int64)
         v = v[(v >= -T) & (v < T)]
