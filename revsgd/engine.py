@@ -129,16 +129,19 @@ class _Exact:
         self.info_bits = self.opt.tape.info_bits
         return self.opt.params, self.opt.velocity
 
+    def _undo(self, t, fn, *args):
+        try:
+            fn(*args)
+        except (TapeExhaustedError, OverflowError, ValueError) as e:
+            raise ReversalError(f"reversal failed at step {t}: {e}. {REVERSAL_HINT}") from e
+
     def before(self, t, lr):
         v_next = self.opt.velocity
-        self.opt.unstep_position(lr.lanes(t))
+        self._undo(t, self.opt.unstep_position, lr.lanes(t))
         return self.opt.params, v_next
 
     def after(self, t, g, n):
-        try:
-            self.opt.unstep_velocity(g, n.lanes(t))
-        except (TapeExhaustedError, OverflowError, ValueError) as e:
-            raise ReversalError(f"reversal failed at step {t}: {e}. {REVERSAL_HINT}") from e
+        self._undo(t, self.opt.unstep_velocity, g, n.lanes(t))
         return self.opt.velocity
 
     def finish(self):

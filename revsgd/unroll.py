@@ -16,6 +16,7 @@ import torch
 
 from .engine import ENGINE_METHODS, METHODS, REVERSAL_HINT, ReversalError, Unroll
 from .fixed import GAMMA_ONE, quantize_momentum
+from .kernels import warm_up
 
 TensorDict = Mapping[str, torch.Tensor]
 TrainLoss = Callable[[dict, dict, int], torch.Tensor]
@@ -47,6 +48,8 @@ def pinned_threads(k: Optional[int]):
     k = old if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"threads must be a positive int, got {k!r}")
+    warm_up()  # a compiled backend's first launch may reset OpenMP's thread count: let it happen before pinning
+    old = torch.get_num_threads()
     torch.set_num_threads(k)
     try:
         yield k

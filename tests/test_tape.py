@@ -83,9 +83,9 @@ def test_scale_is_multiplication_by_n_over_65536(backend):
     X = random_int64(rng, L)
     tape = Tape(L, backend=backend)
     for _ in range(25):
-        n = random_n_array = rng.integers(1, 65537, L)
+        n = rng.integers(1, 65537, L)
         before = X.copy()
-        tape.scale(X, random_n_array)
+        tape.scale(X, n)
         s = X - (before >> 16) * n
         assert np.all((s >= 0) & (s < n))
     # n = 1 keeps nothing but the quotient; n = 65536 is the identity and stores nothing

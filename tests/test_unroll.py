@@ -609,7 +609,6 @@ def test_bad_input_nonfinite_lr():
 
 @pytest.mark.parametrize("method", ["exact", "naive", "trajectory"])
 def test_bad_input_non_scalar_train_loss(method):
-    tl, _, _, _ = make_problem()
     xt, yt, _, _ = _data(torch.float64)
 
     def vector_loss(p, h, t):

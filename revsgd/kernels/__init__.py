@@ -61,6 +61,16 @@ def set_num_threads(k: int) -> None:
             f(int(k))
 
 
+def warm_up() -> None:
+    """Start every compiled backend's thread pool now. Numba's OpenMP layer resets the process-wide OpenMP thread
+    count on its first parallel launch; callers that pin a thread count (e.g. for torch) warm up first."""
+    st = TapeStorage(1)
+    X = np.zeros(1, dtype=np.int64)
+    for m in _MODULES.values():
+        run(m, st, True, X, None, None, None, np.ones(1, dtype=np.int64), True, 0)
+        run(m, st, False, X, None, None, None, np.ones(1, dtype=np.int64), True, 0)
+
+
 def _raise(code: int, lane: int, vname: str, wname: str, frac_bits: int) -> None:
     lo, hi = fixed_range(frac_bits)
     rng = f"[{lo:g}, {hi:g}) at frac_bits={frac_bits}"
