@@ -43,7 +43,8 @@ def to_fixed(x: np.ndarray, frac_bits: int = DEFAULT_FRAC_BITS, *, name: str = "
     if not np.all(np.isfinite(x)):
         bad = int(np.flatnonzero(~np.isfinite(x.ravel()))[0])
         raise NonFiniteError(f"{name} holds a non-finite value at index {bad}")
-    y = x * 2.0**frac_bits
+    with np.errstate(over="ignore"):
+        y = x * 2.0**frac_bits
     ok = (y >= -TWO63) & (y < TWO63)
     if not np.all(ok):
         lo, hi = fixed_range(frac_bits)

@@ -214,14 +214,20 @@ class ExactMomentum:
 
     def step(self, grad: np.ndarray, alpha: FloatOrArray, n: IntOrArray) -> None:
         """One forward step with gradient ``grad``, learning rate ``alpha`` and momentum ``n/65536``."""
+        if grad is None or alpha is None or n is None:
+            raise TypeError("step needs grad, alpha and n (none of them may be None)")
         self._run(True, grad, alpha, n, True)
 
     def unstep_position(self, alpha: FloatOrArray) -> None:
         """First half of the reverse step: W ← W − fix(alpha · flt(V))."""
+        if alpha is None:
+            raise TypeError("unstep_position needs alpha")
         self._run(False, None, alpha, None, False)
 
     def unstep_velocity(self, grad: np.ndarray, n: IntOrArray) -> None:
         """Second half of the reverse step, with the gradient recomputed at ``params``."""
+        if grad is None or n is None:
+            raise TypeError("unstep_velocity needs grad and n")
         self._run(False, grad, None, n, True)
 
     def __repr__(self) -> str:

@@ -261,6 +261,7 @@ def compare(results: list) -> None:
             rel[k] = d / ny if ny > 0 else (0.0 if d == 0 else float("inf"))
             cos[k] = float(np.dot(x, y) / (nx * ny)) if nx > 0 and ny > 0 else None
         r["rel_error"], r["cosine"] = rel, cos
+        r["nonfinite"] = {k: int((~np.isfinite(mine[k])).sum()) for k in GRAD_KEYS}  # NaN/inf entries (drmad)
         r["grad_norms"] = {k: float(np.linalg.norm(mine[k])) for k in GRAD_KEYS}
         if r["method"] == "exact":
             r["grad_values_head"] = {"lr[:3]": mine["lr"][:3].tolist(), "lr[-3:]": mine["lr"][-3:].tolist(),
@@ -270,6 +271,8 @@ def compare(results: list) -> None:
 def _fmt(x, spec):
     if x is None:
         return "—"
+    if isinstance(x, str):
+        return x
     if isinstance(x, float) and (x != x):
         return "nan"
     return format(x, spec)
@@ -286,7 +289,10 @@ def markdown(results: list) -> str:
                      f"{_fmt(r.get('parent_max_rss_seen_mb'), '.0f')} (seen)"] + [""] * (ncol - 6)
             lines.append("| " + " | ".join(cells) + " |")
             continue
-        re_ = r.get("rel_error", {})
+        re_ = dict(r.get("rel_error", {}))
+        for k, c in r.get("nonfinite", {}).items():
+            if c:
+                re_[k] = f"non-finite ({c})"
         lines.append(
             f"| {r['method']} | {r['T']} | {_fmt(r['seconds'], '.2f')} | {_fmt(r.get('seconds_forward'), '.2f')} | "
             f"{_fmt(r.get('seconds_reverse'), '.2f')} | {_fmt(r['peak_rss_mb'], '.0f')} | "

@@ -13,8 +13,8 @@ exact_unscale(V, n): q = floor(V / n), s = V − q·n; the head takes s in and g
     head reverse:    y = x·n + s;  r = y & 0xFFFF;  x = y >> 16;  if x < 2^16: x = (x << 16) | pop().
 
 fix(a·flt(X)) is computed as rint(a · float64(X)) (scaling by 2^±F is exact); fix(c·G) as rint((c·G)·2^F).
-This reference validates every lane before it writes anything, so on error it makes no progress at all and
-reports the first failing lane's code on that lane's chunk.
+Like the compiled kernels, each chunk stops at its first failing lane (in its walking order), keeps the lanes
+before it and reports that lane's code; the driver then undoes the kept lanes and raises.
 """
 from __future__ import annotations
 
@@ -48,20 +48,41 @@ def _flag(err: np.ndarray, bad: np.ndarray, code: int) -> None:
     err[bad & (err == 0)] = code
 
 
-def _fail(i: np.ndarray, err: np.ndarray, status: np.ndarray, first: bool) -> bool:
+def _stops(i: np.ndarray, err: np.ndarray, begin, end, status, forward: bool) -> np.ndarray:
+    """Per-chunk stop semantics of every backend: a chunk walks its lanes (ascending forward, descending in
+    reverse), stops at its first failing lane and records that lane's code; returns the mask of lanes to commit
+    and leaves the progress in ``begin`` (forward) or ``end`` (reverse)."""
+    chunk = i // CHUNK
     bad = np.flatnonzero(err)
-    if bad.size == 0:
-        return False
-    k = bad[0] if first else bad[-1]
-    status[i[k] // CHUNK] = err[k]
-    return True
+    if forward:
+        stop = end.copy()
+        np.minimum.at(stop, chunk[bad], i[bad])
+        commit = i < stop[chunk]
+        failed = np.flatnonzero(stop < end)
+        status[failed] = err[np.searchsorted(i, stop[failed])]
+        begin[:] = stop
+    else:
+        stop = begin - 1
+        np.maximum.at(stop, chunk[bad], i[bad])
+        commit = i > stop[chunk]
+        failed = np.flatnonzero(stop >= begin)
+        status[failed] = err[np.searchsorted(i, stop[failed])]
+        end[:] = stop + 1
+    return commit
+
+
+def _alpha_v(alpha, i, v):
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _per_lane(alpha, i) * v.astype(np.float64)
 
 
 def _velocity_term(G, n_l, i, frac_bits, err):
     c = (65536 - n_l).astype(np.float64) * 2.0**-16
     g = G[i]
     _flag(err, ~np.isfinite(g), codes.GRAD_NONFINITE)
-    return _fix_checked((c * g) * 2.0**frac_bits, err, codes.VEL_FIX_OVERFLOW)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = (c * g) * 2.0**frac_bits
+    return _fix_checked(y, err, codes.VEL_FIX_OVERFLOW)
 
 
 def forward(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, begin, end, status) -> None:
@@ -90,14 +111,12 @@ def forward(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, 
         v = v2
     if W is not None:
         w = W[i]
-        e = _fix_checked(_per_lane(alpha, i) * v.astype(np.float64), err, codes.POS_FIX_OVERFLOW)
+        e = _fix_checked(_alpha_v(alpha, i, v), err, codes.POS_FIX_OVERFLOW)
         w2 = w + e
         _flag(err, ((w ^ w2) & (e ^ w2)) < 0, codes.POS_OVERFLOW)
-    if _fail(i, err, status, first=True):
-        return
-    # commit
+    ok = _stops(i, err, begin, end, status, forward=True)
     if do_scale:
-        em = np.flatnonzero(emit)
+        em = np.flatnonzero(emit & ok)
         if em.size:
             cid = i[em] // CHUNK
             for c in np.unique(cid):
@@ -106,11 +125,10 @@ def forward(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, 
                 k = int(st.lens[c])
                 st.streams[c][k:k + wc.size] = wc
                 st.lens[c] = k + wc.size
-        st.heads[i] = x.astype(np.uint32)
-    V[i] = v
+        st.heads[i[ok]] = x[ok].astype(np.uint32)
+    V[i[ok]] = v[ok]
     if W is not None:
-        W[i] = w2
-    begin[:] = end
+        W[i[ok]] = w2[ok]
 
 
 def reverse(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, begin, end, status) -> None:
@@ -122,7 +140,7 @@ def reverse(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, 
     n_l = _per_lane(n, i)
     if W is not None:
         w = W[i]
-        e = _fix_checked(_per_lane(alpha, i) * v.astype(np.float64), err, codes.POS_FIX_OVERFLOW)
+        e = _fix_checked(_alpha_v(alpha, i, v), err, codes.POS_FIX_OVERFLOW)
         w2 = w - e
         _flag(err, ((w ^ e) & (w ^ w2)) < 0, codes.POS_OVERFLOW)
     if G is not None:
@@ -139,24 +157,22 @@ def reverse(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, 
         x = y >> _S16
         pop = np.flatnonzero(x < (1 << 16))
         cid = i[pop] // CHUNK
-        refills = []
         for c in np.unique(cid):
-            p = pop[cid == c]                        # ascending; descending lanes pop the top of the stream first
-            have = int(st.lens[c])
-            if p.size > have:
-                _flag(err, np.isin(np.arange(i.size), p[: p.size - have]), codes.TAPE_EMPTY)
-            else:
-                refills.append((int(c), p))
+            p = pop[cid == c]                 # ascending; descending lanes pop the top of the stream first
+            short = p.size - int(st.lens[c])  # the lowest `short` poppers find the stream empty
+            if short > 0:
+                _flag(err, np.isin(np.arange(i.size), p[:short]), codes.TAPE_EMPTY)
         v = q * 65536 + r
-    if _fail(i, err, status, first=False):
-        return
+    ok = _stops(i, err, begin, end, status, forward=False)
     if do_scale:
-        for c, p in refills:
+        pop = np.flatnonzero((x < (1 << 16)) & ok)
+        cid = i[pop] // CHUNK
+        for c in np.unique(cid):
+            p = pop[cid == c]
             have = int(st.lens[c])
             x[p] = (x[p] << _S16) | st.streams[c][have - p.size:have].astype(np.uint64)
             st.lens[c] = have - p.size
-        st.heads[i] = x.astype(np.uint32)
-    V[i] = v
+        st.heads[i[ok]] = x[ok].astype(np.uint32)
+    V[i[ok]] = v[ok]
     if W is not None:
-        W[i] = w2
-    end[:] = begin
+        W[i[ok]] = w2[ok]
