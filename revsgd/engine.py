@@ -25,6 +25,7 @@ float64.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -390,6 +391,11 @@ class Unroll:
         if bar is not None:
             bar.close()
         st = self.stats
+        st["finite"] = all(bool(np.all(np.isfinite(x))) for x in (d_lr, d_gamma, dw, dv, dtheta))
+        if not st["finite"]:
+            warnings.warn(f"the {self.method} hypergradient is not finite (the adjoint diverged over T={T} steps"
+                          + ("; DrMAD's straight-line trajectory is a poor approximation here)"
+                             if self.method == "drmad" else ")"), RuntimeWarning, stacklevel=3)
         st["seconds_reverse"] = time.perf_counter() - t0
         st.update(tape_bytes=getattr(prov, "tape_bytes", 0), info_bits=getattr(prov, "info_bits", 0.0),
                   storage_bytes=getattr(prov, "storage_bytes", 0))

@@ -72,10 +72,13 @@ class TapeStorage:
         self.ptrs[c] = buf.ctypes.data
 
     def _resize(self, c: int, cap: int) -> None:
-        new = np.empty(cap, dtype=np.uint16)
-        k = int(self.lens[c])
-        new[:k] = self.streams[c][:k]
-        self._set_stream(c, new)
+        # realloc in place (large blocks move by remapping, not copying); streams are never exposed as views
+        # that outlive a call, so no reference can dangle
+        buf = self.streams[c]
+        if not buf.flags.owndata:
+            buf = buf.copy()
+        buf.resize(cap, refcheck=False)
+        self._set_stream(c, buf)
 
     def reserve(self, c: int, extra: int) -> None:
         """Make room for ``extra`` more words in stream ``c`` (growth by ~3 % at a time, at least 256 words)."""
@@ -111,7 +114,7 @@ class TapeStorage:
         return self.depth == 0 and self.num_words == 0 and bool(np.all(self.heads == HEAD_START))
 
     def stream(self, c: int) -> np.ndarray:
-        """The words of chunk ``c``'s stream, bottom first (a view)."""
+        """The words of chunk ``c``'s stream, bottom first (a view, valid until the stream next grows)."""
         return self.streams[c][: int(self.lens[c])]
 
     # --- serialization -------------------------------------------------------------------------------------

@@ -48,8 +48,6 @@ def pinned_threads(k: Optional[int]):
     k = old if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"threads must be a positive int, got {k!r}")
-    warm_up()  # a compiled backend's first launch may reset OpenMP's thread count: let it happen before pinning
-    old = torch.get_num_threads()
     torch.set_num_threads(k)
     try:
         yield k
@@ -233,6 +231,8 @@ def hypergrad(train_loss: TrainLoss, val_loss: ValLoss, params0: TensorDict, *, 
     _check_options(method, options)
     hypers = {} if hypers is None else hypers
     threads = options.pop("threads", None)
+    if method == "exact":  # a compiled backend's first launch may reset OpenMP's thread count: before pinning
+        warm_up(options.get("backend"))
     with pinned_threads(threads) as k:
         prob = _TorchProblem(train_loss, val_loss, params0, hypers, k)
         lr_np, n = _schedules(lr, momentum, prob.P)
@@ -349,6 +349,8 @@ def unroll(train_loss: TrainLoss, params0: TensorDict, *, lr: torch.Tensor, mome
         raise ValueError(f"unroll supports methods {ENGINE_METHODS}, got {method!r}")
     hypers = {} if hypers is None else hypers
     threads = options.pop("threads", None)
+    if method == "exact":
+        warm_up(options.get("backend"))
     with pinned_threads(threads) as k:
         prob = _TorchProblem(train_loss, None, params0, hypers, k)
         lr_np, n = _schedules(lr, momentum, prob.P)

@@ -658,7 +658,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-crosscheck", action="store_true", help="skip the real-vs-bits preload cross-check")
     ap.add_argument("--no-value-range", action="store_true", help="skip the full-range-X scale/unscale check")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: lanes 1e5,1e6, T 100,1000, k=10, budget 4 s, repeat budget 1 s, small bigint")
+                    help="smoke run: lanes 1e5,1e6, T 100,1000, k=10, budget 8 s, repeat budget 1 s, small bigint")
     ap.add_argument("--no-isolate", action="store_true",
                     help="run all backends in this process (default: a fresh process per backend)")
     ap.add_argument("--seed", type=int, default=0)
@@ -669,7 +669,7 @@ def main(argv=None) -> int:
     lanes = parse_int_list(args.lanes) if args.lanes else ([10**5, 10**6] if q else [10**5, 10**7])
     steps = sorted(parse_int_list(args.steps) if args.steps else ([100, 1000] if q else [100, 10000]))
     k = args.timed_steps if args.timed_steps is not None else (10 if q else 20)
-    budget_s = args.budget_s if args.budget_s is not None else (4.0 if q else 60.0)
+    budget_s = args.budget_s if args.budget_s is not None else (8.0 if q else 60.0)
     repeat_budget_s = args.repeat_budget_s if args.repeat_budget_s is not None else (1.0 if q else REPEAT_BUDGET_S)
     _REPEAT_BUDGET[0] = repeat_budget_s
     settle_allocator()

@@ -30,9 +30,8 @@ settings.load_profile("revsgd")
 
 # Start the compiled backends' thread pools once, before any test pins a thread count (numba's OpenMP layer resets
 # the process-wide OpenMP thread count on its first parallel launch).
-_warm_up = getattr(revsgd.kernels, "warm_up", None)
-if _warm_up is not None:
-    _warm_up()
+for _backend in revsgd.BACKENDS:
+    revsgd.kernels.warm_up(_backend)
 
 BACKENDS = tuple(revsgd.BACKENDS)
 COMPILED = tuple(b for b in BACKENDS if b != "numpy")

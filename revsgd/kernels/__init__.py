@@ -8,6 +8,7 @@ exact inverse kernel and raises, so a failed call leaves every array and the tap
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 from typing import Optional
 
@@ -22,53 +23,62 @@ class TapeExhaustedError(RuntimeError):
     """A reverse step needed bits the tape does not hold."""
 
 
-def _load(name: str) -> Optional[ModuleType]:
+def _installed(name: str) -> bool:
+    spec = {"cpp": "revsgd._cpp", "numba": "numba"}[name]
     try:
-        return importlib.import_module(f"revsgd.kernels.{name}_backend")
-    except ImportError:
-        return None
+        return importlib.util.find_spec(spec) is not None
+    except (ImportError, ValueError):
+        return False
 
 
-_MODULES: dict[str, ModuleType] = {}
-for _name in ("cpp", "numba"):
-    _m = _load(_name)
-    if _m is not None and getattr(_m, "available", False):
-        _MODULES[_name] = _m
+# Compiled backends load on first use (importing numba costs time and memory a cpp user need not pay).
+_MODULES: dict[str, Optional[ModuleType]] = {name: None for name in ("cpp", "numba") if _installed(name)}
 _MODULES["numpy"] = reference
+_threads: Optional[int] = None
 
 #: Backends available in this install, fastest first.
 BACKENDS: tuple[str, ...] = tuple(_MODULES)
 
 
 def get_backend(backend: Optional[str]) -> ModuleType:
-    if backend is None:
-        return _MODULES[BACKENDS[0]]
-    if backend not in _MODULES:
-        known = ("cpp", "numba", "numpy")
-        if backend in known:
-            raise ValueError(f"backend {backend!r} is not available in this install; available: {BACKENDS}")
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return _MODULES[backend]
+    name = BACKENDS[0] if backend is None else backend
+    if name not in _MODULES:
+        if name in ("cpp", "numba", "numpy"):
+            raise ValueError(f"backend {name!r} is not available in this install; available: {BACKENDS}")
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    m = _MODULES[name]
+    if m is None:
+        m = importlib.import_module(f"revsgd.kernels.{name}_backend")
+        if not getattr(m, "available", False):
+            raise ImportError(f"backend {name!r} is installed but failed to load")
+        if _threads is not None and hasattr(m, "set_num_threads"):
+            m.set_num_threads(_threads)
+        _MODULES[name] = m
+    return m
 
 
 def set_num_threads(k: int) -> None:
     """Threads used by the compiled kernels (results never depend on it: chunks are a format constant)."""
-    if not isinstance(k, (int, np.integer)) or k < 1:
+    global _threads
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"number of threads must be a positive int, got {k!r}")
+    _threads = int(k)
     for m in _MODULES.values():
         f = getattr(m, "set_num_threads", None)
         if f is not None:
-            f(int(k))
+            f(_threads)
 
 
-def warm_up() -> None:
-    """Start every compiled backend's thread pool now. Numba's OpenMP layer resets the process-wide OpenMP thread
-    count on its first parallel launch; callers that pin a thread count (e.g. for torch) warm up first."""
+def warm_up(backend: Optional[str] = None) -> None:
+    """Load ``backend`` (default: the fastest) and start its thread pool now. Numba's OpenMP layer resets the
+    process-wide OpenMP thread count on its first parallel launch; callers that pin a thread count (e.g. for
+    torch) warm up first."""
+    m = get_backend(backend)
     st = TapeStorage(1)
     X = np.zeros(1, dtype=np.int64)
-    for m in _MODULES.values():
-        run(m, st, True, X, None, None, None, np.ones(1, dtype=np.int64), True, 0)
-        run(m, st, False, X, None, None, None, np.ones(1, dtype=np.int64), True, 0)
+    one = np.ones(1, dtype=np.int64)
+    run(m, st, True, X, None, None, None, one, True, 0)
+    run(m, st, False, X, None, None, None, one, True, 0)
 
 
 def _raise(code: int, lane: int, vname: str, wname: str, frac_bits: int) -> None:
