@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     b = sub.add_parser("bench", help="compare hypergradient methods on the digits MLP (a minute or two)")
     b.add_argument("--steps", type=_positive_int, nargs="+", default=[100, 1000], help="values of T")
-    b.add_argument("--out", default=None, help="also write the JSON here")
+    b.add_argument("--out", default="bench_unroll.json", help="JSON output (default bench_unroll.json)")
+    b.add_argument("--png", default="bench_unroll.png", help="figure output (default bench_unroll.png)")
     sub.add_parser("verify", help="self-test of exact reversal on this machine; exits non-zero on failure")
     return p
 
@@ -60,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command == "bench":
         from .bench import main as bench_main
-        return bench_main(args.steps, args.out)
+        return bench_main(["--steps", *map(str, args.steps), "--exact-extra", "--out", args.out, "--png", args.png])
     from .verify import main as verify_main
     return verify_main()
 
