@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     d = sub.add_parser("demo", help="learn per-layer lr and momentum schedules on scikit-learn's digits (~2 min)")
     d.add_argument("--out", default=".", help="folder for demo.png and demo.json (default: current directory)")
-    d.add_argument("--steps", type=_positive_int, default=500, help="training steps T per run (default 500)")
-    d.add_argument("--iterations", type=_positive_int, default=40, help="meta-iterations (default 40)")
+    d.add_argument("--steps", type=_positive_int, default=1000, help="training steps T per run (default 1000)")
+    d.add_argument("--iterations", type=_positive_int, default=60, help="meta-iterations (default 60)")
     d.add_argument("--knots", type=_positive_int, default=10, help="schedule knots per layer (default 10)")
     d.add_argument("--meta-lr", type=_positive_float, default=0.08, help="Adam step on the free hypers")
     d.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")

@@ -33,7 +33,7 @@ def schedule_problem(data, *, T: int, knots: Optional[int], hidden=(100,), batch
     return {"log_lr": lr_s.free, "logit_momentum": mom_s.free}, build, (lr_s, mom_s), base
 
 
-def run_demo(out_dir: str = ".", *, T: int = 500, iterations: int = 40, knots: Optional[int] = 10,
+def run_demo(out_dir: str = ".", *, T: int = 1000, iterations: int = 60, knots: Optional[int] = 10,
              meta_lr: float = 0.08, threads: Optional[int] = None, checkpoint: Optional[str] = None,
              progress: bool = True, quiet: bool = False) -> dict:
     """Meta-train the schedules, print a table, write ``demo.json`` and ``demo.png`` into ``out_dir``."""

@@ -55,7 +55,9 @@ one backend; the numba and C++ kernels share one libgomp, and having used one ch
 wait. Each cell records ``other_processes_cores``: the cores other processes kept busy while it was timed
 (/proc/stat minus this process). With 2 kernel threads on 2 cores, another busy process costs a 2-thread
 fork-join about one scheduler slice (~8 ms) per call, which dominates at 1e5 lanes; read such cells with that
-in mind (the summary lists them as ``contended_cells``).
+in mind (the summary lists them as ``contended_cells``). Such a cell's timed block (not its preload) is run
+again after 5 s, up to ``--contention-retries`` times (default 2) if a block takes <= 20 s; all repeats of all
+attempts count towards the best time and each attempt's contention is kept in ``attempts``.
 
 Values: X, P are fix(N(0, 0.01²)) at F = 52 and the gradient is N(0, 0.01²) so the velocity stays of that size,
 as in training. The compiled kernels divide |v| < 2^50 on a faster path; ``value_range`` reports scale/unscale on
@@ -121,6 +123,10 @@ AGREE = 0.10
 MAX_REPEATS = 15
 REPEAT_BUDGET_S = 5.0
 _REPEAT_BUDGET = [REPEAT_BUDGET_S]   # set from --repeat-budget-s (also inside backend processes)
+#: A cell timed while other processes kept more than ``threshold`` cores busy has its timed block (not the preload)
+#: run again after ``wait_s``, up to ``retries`` times, if one block takes at most ``max_block_s``; every repeat
+#: of every attempt counts towards the best time, and each attempt's contention is recorded.
+_CONTENTION = [{"retries": 2, "threshold": 0.25, "wait_s": 5.0, "max_block_s": 20.0}]
 
 
 def _loadavg():
@@ -258,6 +264,44 @@ def tape_report(tape, L: int, held: list[tuple[int, int]]) -> dict:
     }
 
 
+def _timed_block(tape, em, X, X0, W0, V0, grad, alpha, n, k, repeats, report) -> dict:
+    """The timed part of a cell: repeats of (k scale, k unscale) then of (k step, k unstep); returns the times.
+    ``report`` (if given) is called once at depth T, outside the timed loops."""
+    times = {op: [] for op in OPS}
+    rep = 0
+    while _more(rep, repeats, times["scale"], times["unscale"]):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            tape.scale(X, n)
+        t1 = time.perf_counter()
+        if rep == 0 and report is not None:
+            times["report"] = report()
+        t2 = time.perf_counter()
+        for _ in range(k):
+            tape.unscale(X, n)
+        t3 = time.perf_counter()
+        times["scale"].append(t1 - t0)
+        times["unscale"].append(t3 - t2)
+        assert np.array_equal(X, X0), "unscale did not restore X"
+        rep += 1
+    rep = 0
+    while _more(rep, repeats, times["step"], times["unstep"]):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            em.step(grad, alpha, n)
+        t1 = time.perf_counter()
+        for _ in range(k):
+            em.unstep_position(alpha)
+            em.unstep_velocity(grad, n)
+        t2 = time.perf_counter()
+        times["step"].append(t1 - t0)
+        times["unstep"].append(t2 - t1)
+        assert np.array_equal(em.fixed_params, W0) and np.array_equal(em.fixed_velocity, V0), \
+            "unstep did not restore W, V"
+        rep += 1
+    return times
+
+
 def run_cell(be: str, L: int, T: int, k: int, n: int, repeats: int, mode: str, budget_s: float,
              calib: dict, seed: int) -> dict:
     """One (backend, lanes, depth) cell of the protocol in the module docstring."""
@@ -276,8 +320,11 @@ def run_cell(be: str, L: int, T: int, k: int, n: int, repeats: int, mode: str, b
     if m_real == 0:
         chosen, est = "none", 0.0
     if est > budget_s:
+        nn = n if chosen == "real" else 1
         cell.update(skipped=True, reason=f"estimated {chosen} preload+unwind {est:.0f} s exceeds --budget-s "
-                                         f"{budget_s:g} s")
+                                         f"{budget_s:g} s (measured scale/unscale at n={nn}: "
+                                         f"{calib[f'scale_n{nn}'] / 1e6:.1f}/{calib[f'unscale_n{nn}'] / 1e6:.1f} "
+                                         f"M el-steps/s)")
         return cell
     m_pre, n_pre = {"real": (m_real, n), "bits": (m_bits, 1), "none": (0, n)}[chosen]
     cell["preload"] = {"method": chosen, "steps": m_pre, "n": n_pre,
@@ -306,41 +353,31 @@ def run_cell(be: str, L: int, T: int, k: int, n: int, repeats: int, mode: str, b
     if m_pre:
         cell["preload"]["rate"] = L * m_pre / preload_s
 
+    held = [(m_pre, n_pre), (k, n)] if m_pre else [(k, n)]
     times = {op: [] for op in OPS}
-    meter = CpuMeter()
-    rep = 0
-    while _more(rep, repeats, times["scale"], times["unscale"]):
-        t0 = time.perf_counter()
-        for _ in range(k):
-            tape.scale(X, n)
-        t1 = time.perf_counter()
-        if rep == 0:
-            cell["tape_at_T"] = tape_report(tape, L, [(m_pre, n_pre), (k, n)] if m_pre else [(k, n)])
+    attempts = []
+    for attempt in range(1 + _CONTENTION[0]["retries"]):
+        if attempt:
+            time.sleep(_CONTENTION[0]["wait_s"])
+        meter = CpuMeter()
+        t_att = time.perf_counter()
+        ta = _timed_block(tape, em, X, X0, W0, V0, grad, alpha, n, k, repeats,
+                          (lambda: tape_report(tape, L, held)) if attempt == 0 else None)
+        if attempt == 0:
+            cell["tape_at_T"] = ta.pop("report")
             cell["tape_at_T"]["equivalent_depth_T"] = T
-        t2 = time.perf_counter()
-        for _ in range(k):
-            tape.unscale(X, n)
-        t3 = time.perf_counter()
-        times["scale"].append(t1 - t0)
-        times["unscale"].append(t3 - t2)
-        assert np.array_equal(X, X0), "unscale did not restore X"
-        rep += 1
-    rep = 0
-    while _more(rep, repeats, times["step"], times["unstep"]):
-        t0 = time.perf_counter()
-        for _ in range(k):
-            em.step(grad, alpha, n)
-        t1 = time.perf_counter()
-        for _ in range(k):
-            em.unstep_position(alpha)
-            em.unstep_velocity(grad, n)
-        t2 = time.perf_counter()
-        times["step"].append(t1 - t0)
-        times["unstep"].append(t2 - t1)
-        assert np.array_equal(em.fixed_params, W0) and np.array_equal(em.fixed_velocity, V0), \
-            "unstep did not restore W, V"
-        rep += 1
-    cell["other_processes_cores"] = meter.other_cores()
+        oth = meter.other_cores()
+        att_s = time.perf_counter() - t_att
+        attempts.append({"other_processes_cores": oth, "seconds": att_s,
+                         "rates": {op: L * k / min(ta[op]) for op in OPS}})
+        for op in OPS:
+            times[op] += ta[op]
+        # retry only cells that were timed under contention and are cheap to time again
+        if (oth is None or oth <= _CONTENTION[0]["threshold"] or att_s > _CONTENTION[0]["max_block_s"]):
+            break
+    cell["attempts"] = attempts
+    cell["other_processes_cores"] = min((a["other_processes_cores"] for a in attempts
+                                         if a["other_processes_cores"] is not None), default=None)
 
     t0 = time.perf_counter()
     for _ in range(m_pre):
@@ -407,6 +444,7 @@ def backend_job(be: str, cfg: dict) -> dict:
     """Every cell of one backend (plus its preload cross-check and value-range check), in one process."""
     revsgd.set_num_threads(cfg["threads"])
     _REPEAT_BUDGET[0] = cfg["repeat_budget_s"]
+    _CONTENTION[0] = cfg["contention"]
     settle_allocator()
     warm_up(be)
     k, n, repeats, budget_s, seed = cfg["k"], cfg["n"], cfg["repeats"], cfg["budget_s"], cfg["seed"]
@@ -647,6 +685,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat-budget-s", type=float, default=None,
                     help="extra repeats (to reproduce the best time within 10%%) stop once a timed pair of "
                          "segments has used this long (default 5 s; 1 s with --quick)")
+    ap.add_argument("--contention-retries", type=int, default=None,
+                    help="times a cell's timed block is run again (after 5 s) when other processes kept more than "
+                         "0.25 core busy while it ran and the block took <= 20 s (default 2; 0 with --quick)")
     ap.add_argument("--gamma", type=float, default=0.9, help="momentum, quantised to n/65536 (default 0.9)")
     ap.add_argument("--preload", choices=("auto", "real", "bits"), default="auto")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -672,6 +713,9 @@ def main(argv=None) -> int:
     budget_s = args.budget_s if args.budget_s is not None else (8.0 if q else 60.0)
     repeat_budget_s = args.repeat_budget_s if args.repeat_budget_s is not None else (1.0 if q else REPEAT_BUDGET_S)
     _REPEAT_BUDGET[0] = repeat_budget_s
+    contention = dict(_CONTENTION[0], retries=args.contention_retries if args.contention_retries is not None
+                      else (0 if q else 2))
+    _CONTENTION[0] = contention
     settle_allocator()
     big_lanes = args.bigint_lanes if args.bigint_lanes is not None else (2 * 10**4 if q else 10**5)
     big_depths = parse_int_list(args.bigint_depths) if args.bigint_depths else ([1000] if q else [1000, 10000])
@@ -696,7 +740,8 @@ def main(argv=None) -> int:
                    "bits_per_lane_step": bits_per_step(n), "preload_mode": args.preload, "budget_s": budget_s,
                    "threads": threads, "frac_bits": FRAC_BITS, "alpha": 0.01, "value_std": 0.01,
                    "quick": q, "seed": args.seed, "repeat_budget_s": repeat_budget_s,
-                   "isolated_backend_processes": not args.no_isolate},
+                   "isolated_backend_processes": not args.no_isolate,
+                   "contention_retry": contention},
         "protocol": (
             "Per cell (backend, lanes L, depth T): one ExactMomentum with its tape. Preload the tape to depth T-k "
             f"(k={k}) by Tape.scale of a separate int64 array P: 'real' = T-k scales with the benchmark n "
@@ -723,7 +768,8 @@ def main(argv=None) -> int:
     cfg = {"lanes": lanes, "steps": steps, "k": k, "n": n, "repeats": args.repeats, "preload": args.preload,
            "budget_s": budget_s, "seed": args.seed, "threads": threads,
            "crosscheck": not args.no_crosscheck and args.preload == "auto",
-           "value_range": not args.no_value_range, "repeat_budget_s": repeat_budget_s}
+           "value_range": not args.no_value_range, "repeat_budget_s": repeat_budget_s,
+           "contention": contention}
     for L in lanes:
         add = numpy_add_rate(L, max(k, 20), args.repeats)
         doc["numpy_add"][str(L)] = {"rate_start": add["rate"]}
