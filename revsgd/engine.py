@@ -160,68 +160,96 @@ def _float_step(w, v, g, a, gamma):
     return w + a * v, v
 
 
-class _Trajectory:
-    """Float64 forward storing every (w_t, v_t)."""
+class _Float:
+    """Float64 forward pass; subclasses keep what they need of each (t, w_t, v_t), t = 0 … T."""
 
     def __init__(self, w0, v0):
         self.w0, self.v0 = w0.copy(), v0.copy()
 
+    def keep(self, t, w, v):
+        pass
+
     def forward(self, grad, lr, n, T, tick):
-        self.W = [self.w0]
-        self.V = [self.v0]
+        self.grad, self.lr, self.n, self.T = grad, lr, n, T
         w, v = self.w0, self.v0
         for t in range(T):
+            self.keep(t, w, v)
             w, v = _float_step(w, v, grad(w, t), lr.lanes(t), n.lanes(t) / GAMMA_ONE)
-            self.W.append(w)
-            self.V.append(v)
             tick()
-        self.storage_bytes = sum(a.nbytes for a in self.W) + sum(a.nbytes for a in self.V)
+        self.keep(T, w, v)
+        self.wT = w
         return w, v
-
-    def before(self, t, lr):
-        return self.W[t], self.V[t + 1]
-
-    def after(self, t, g, n):
-        v = self.V[t]
-        del self.W[t + 1:], self.V[t + 1:]
-        return v
 
     def finish(self):
         pass
 
 
-class _Checkpoint:
-    """Float64 forward storing (w, v) every k steps; each segment is recomputed (bit for bit) when reversed."""
+class _Trajectory(_Float):
+    """Every (w_t, v_t) stored."""
 
-    def __init__(self, w0, v0, k):
-        self.w0, self.v0, self.k = w0.copy(), v0.copy(), k
+    def keep(self, t, w, v):
+        if t == 0:
+            self.W, self.V = {}, {}
+        self.W[t], self.V[t] = w, v
 
     def forward(self, grad, lr, n, T, tick):
-        self.grad, self.lr, self.n = grad, lr, n
-        self.ckpt = {}
-        w, v = self.w0, self.v0
-        for t in range(T):
-            if t % self.k == 0:
-                self.ckpt[t] = (w, v)
-            w, v = _float_step(w, v, grad(w, t), lr.lanes(t), n.lanes(t) / GAMMA_ONE)
-            tick()
-        self.seg_lo, self.W, self.V = None, None, None
-        self.final = (w, v)
-        self.storage_bytes = (len(self.ckpt) + self.k + 1) * 2 * w.nbytes
-        self.recompute_steps = 0
-        return w, v
+        out = super().forward(grad, lr, n, T, tick)
+        self.storage_bytes = (len(self.W) + len(self.V)) * self.w0.nbytes
+        return out
+
+    def before(self, t, lr):
+        return self.W[t], self.V[t + 1]
+
+    def after(self, t, g, n):
+        del self.W[t + 1], self.V[t + 1]  # no longer needed: memory falls as the sweep goes back
+        return self.V[t]
+
+
+class _Truncated(_Trajectory):
+    """Only the last K states kept; the sweep stops K steps before the end."""
+
+    def __init__(self, w0, v0, K):
+        super().__init__(w0, v0)
+        self.K, self.W, self.V = K, {}, {}
+
+    def keep(self, t, w, v):
+        if t == 0:
+            self.W, self.V = {}, {}
+        if t >= self.T - self.K:
+            self.W[t], self.V[t] = w, v
+
+    @property
+    def lo(self):
+        return max(self.T - self.K, 0)
+
+
+class _Checkpoint(_Float):
+    """(w, v) kept every k steps; each segment is recomputed, bit for bit, when the sweep reaches it."""
+
+    def __init__(self, w0, v0, k):
+        super().__init__(w0, v0)
+        self.k, self.ckpt, self.seg_lo, self.recompute_steps = k, {}, None, 0
+
+    def keep(self, t, w, v):
+        if t % self.k == 0 and t < self.T:
+            self.ckpt[t] = (w, v)
+
+    def forward(self, grad, lr, n, T, tick):
+        self.ckpt, self.seg_lo, self.recompute_steps = {}, None, 0
+        out = super().forward(grad, lr, n, T, tick)
+        self.storage_bytes = (len(self.ckpt) + self.k + 1) * 2 * self.w0.nbytes
+        return out
 
     def _segment(self, t):
         lo = (t // self.k) * self.k
         if self.seg_lo != lo:
             w, v = self.ckpt[lo]
             self.W, self.V = [w], [v]
-            hi = min(lo + self.k, self.n.values.shape[0])
-            for s in range(lo, hi):
+            for s in range(lo, min(lo + self.k, self.T)):
                 w, v = _float_step(w, v, self.grad(w, s), self.lr.lanes(s), self.n.lanes(s) / GAMMA_ONE)
                 self.W.append(w)
                 self.V.append(v)
-            self.recompute_steps += hi - lo
+                self.recompute_steps += 1
             self.seg_lo = lo
         return lo
 
@@ -232,69 +260,21 @@ class _Checkpoint:
     def after(self, t, g, n):
         return self.V[t - self.seg_lo]
 
-    def finish(self):
-        pass
 
-
-class _DrMAD:
+class _DrMAD(_Float):
     """Fu et al. 2016: w_t = w_0 + (t/T)(w_T − w_0); v_{t+1} = (w_{t+1} − w_t)/α_t on that line. Nothing stored."""
 
-    def __init__(self, w0, v0):
-        self.w0, self.v0 = w0.copy(), v0.copy()
-
-    def forward(self, grad, lr, n, T, tick):
-        w, v = self.w0, self.v0
-        for t in range(T):
-            w, v = _float_step(w, v, grad(w, t), lr.lanes(t), n.lanes(t) / GAMMA_ONE)
-            tick()
-        self.T, self.wT = T, w
-        return w, v
-
-    def _w(self, t):
-        return self.w0 + (t / self.T) * (self.wT - self.w0)
-
-    def _v(self, t, lr):
-        a = np.asarray(lr.lanes(t - 1), dtype=np.float64)
+    def _v(self, t):
+        """Velocity v_t on the line (α_{t−1} = 0 gives 0)."""
+        a = np.asarray(self.lr.lanes(t - 1), dtype=np.float64)
         step = (self.wT - self.w0) / self.T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(a != 0, step / np.where(a != 0, a, 1.0), 0.0) * np.ones_like(self.w0)
+        return np.where(a != 0, step / np.where(a != 0, a, 1.0), 0.0) * np.ones_like(self.w0)
 
     def before(self, t, lr):
-        self.lr = lr
-        return self._w(t), self._v(t + 1, lr)
+        return self.w0 + (t / self.T) * (self.wT - self.w0), self._v(t + 1)
 
     def after(self, t, g, n):
-        return self._v(t, self.lr) if t > 0 else self.v0
-
-    def finish(self):
-        pass
-
-
-class _Truncated(_Trajectory):
-    """Float64 forward keeping only the last K states; the sweep stops K steps before the start."""
-
-    def __init__(self, w0, v0, K):
-        super().__init__(w0, v0)
-        self.K = K
-
-    def forward(self, grad, lr, n, T, tick):
-        lo = max(T - self.K, 0)
-        w, v = self.w0, self.v0
-        self.W, self.V, self.lo = {}, {}, lo
-        for t in range(T):
-            if t >= lo:
-                self.W[t], self.V[t] = w, v
-            w, v = _float_step(w, v, grad(w, t), lr.lanes(t), n.lanes(t) / GAMMA_ONE)
-            tick()
-        self.W[T], self.V[T] = w, v
-        self.storage_bytes = (len(self.W) + len(self.V)) * w.nbytes
-        return w, v
-
-    def after(self, t, g, n):
-        v = self.V[t]
-        self.W.pop(t + 1, None)
-        self.V.pop(t + 1, None)
-        return v
+        return self._v(t) if t > 0 else self.v0
 
 
 class Unroll:
@@ -368,7 +348,7 @@ class Unroll:
         dv = np.zeros_like(self.w0) if dv is None else np.array(dv, dtype=np.float64)
         d_lr = np.zeros_like(lr_s.values)
         d_gamma = np.zeros(n_s.values.shape, dtype=np.float64)
-        lo = prov.lo if isinstance(prov, _Truncated) else 0
+        lo = getattr(prov, "lo", 0)
         for t in range(T - 1, lo - 1, -1):
             a = lr_s.lanes(t)
             gamma = n_s.lanes(t) / GAMMA_ONE
