@@ -115,6 +115,11 @@ class _TorchProblem:
         self.hyper_leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point() or v.is_complex())
                              for k, v in hypers.items()}
 
+    def theta(self, grads) -> np.ndarray:
+        """Flat ∂/∂θ from autograd's outputs for the hyper leaves that require grad (zeros for the others)."""
+        it = iter(grads)
+        return self.H.flat([next(it) if h.requires_grad else None for h in self.hyper_leaves.values()])
+
     def _check_threads(self):
         if torch.get_num_threads() != self.threads:
             raise ReversalError(f"torch's thread count changed during the run ({self.threads} -> "
@@ -146,9 +151,7 @@ class _TorchProblem:
                     return np.zeros_like(u), None
                 out = torch.autograd.grad(torch.stack([x.to(torch.float64) for x in terms]).sum(), wrt,
                                           allow_unused=True)
-            hu = self.P.flat(out[:len(ps)])
-            it = iter(out[len(ps):])
-            return hu, self.H.flat([next(it) if h.requires_grad else None for h in hs.values()])
+            return self.P.flat(out[:len(ps)]), self.theta(out[len(ps):])
         return g, vjp
 
     def val(self, w: np.ndarray):
@@ -158,9 +161,7 @@ class _TorchProblem:
             f = _scalar(self.val_loss(ps, hs), "val_loss")
             wrt = list(ps.values()) + [h for h in hs.values() if h.requires_grad]
             out = torch.autograd.grad(f, wrt, allow_unused=True)
-        it = iter(out[len(ps):])
-        return f.item(), self.P.flat(out[:len(ps)]), self.H.flat([next(it) if h.requires_grad else None
-                                                                  for h in hs.values()])
+        return f.item(), self.P.flat(out[:len(ps)]), self.theta(out[len(ps):])
 
 
 def _schedules(lr, momentum, P: _Layout):
@@ -293,8 +294,7 @@ def _naive(prob: _TorchProblem, lr, momentum, n, params0, hypers, progress) -> H
     z = lambda x, like: torch.zeros_like(like) if x is None else x  # noqa: E731
     grads = {"lr": z(out[0], lr_l).to(lr.dtype), "momentum": z(out[1], mom).to(momentum.dtype),
              "params0": _unflat_like(P, z(out[2], w0).detach().numpy())}
-    it_h = iter(out[3:])
-    grads.update(_hyper_grads(prob, prob.H.flat([next(it_h) if h.requires_grad else None for h in hs.values()])))
+    grads.update(_hyper_grads(prob, prob.theta(out[3:])))
     stats = {"method": "naive", "steps": T, "lanes": P.size, "seconds_forward": t1 - t0,
              "seconds_reverse": t2 - t1, "tape_bytes": 0, "info_bits": 0.0, "storage_bytes": 0,
              "threads": prob.threads}
