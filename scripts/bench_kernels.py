@@ -45,10 +45,10 @@ cell (backend, lanes L, depth T) does this, on ONE tape:
 
 "Flat in T" means the rate at T = 10 000 equals the rate at T = 100 (``flatness``: rate(T_max)/rate(T_min)).
 
-Allocator: every process first allocates and frees one 32 MB buffer (``settle_allocator``) so glibc's dynamic
-mmap/trim thresholds are where a long-running process has them; without it the NumPy reference page-faults its
-~1 MB temporaries afresh on every call at 1e5 lanes until some larger buffer happens to be freed, which looked
-like a (false) 3x depth dependence.
+Allocator: every process first fixes glibc's malloc thresholds (``settle_allocator``: mmap only blocks >= 32 MB,
+keep up to 1 GB of freed heap). With the dynamic defaults the NumPy reference page-faulted its 1-8 MB per-call
+temporaries afresh on every call at 1e5-1e6 lanes until some live buffer happened to pin the heap top, which
+looked like a (false) 2-3x depth dependence.
 
 Isolation and contention: each backend runs in a fresh process (``--no-isolate`` to switch off), as a user runs
 one backend; the numba and C++ kernels share one libgomp, and having used one changes how the other's threads
@@ -194,13 +194,25 @@ def numpy_add_rate(L: int, k: int, repeats: int) -> dict:
     return {"rate": L * k / min(times), "times_s": times, "adds_per_repeat": k}
 
 
-def settle_allocator() -> None:
-    """Allocate and free one 32 MB buffer so glibc's dynamic mmap/trim thresholds sit where a long-running
-    process has them. Otherwise the ~1 MB temporaries of the NumPy reference are mmapped (or the heap trimmed)
-    and page-faulted afresh on every call until the process happens to free some larger buffer, which made the
-    reference ~3x slower at shallow depth than deep (an allocator artefact, not a depth effect)."""
-    a = np.ones(4_000_000, dtype=np.int64)   # 32 MB: just under glibc's DEFAULT_MMAP_THRESHOLD_MAX
+def settle_allocator() -> dict:
+    """Fix glibc's malloc thresholds so timings do not depend on which buffers the process happened to free
+    earlier: mmap only blocks >= 32 MB and never give freed heap memory back to the OS below 1 GB.
+
+    With glibc's dynamic defaults the NumPy reference's 1-8 MB per-call temporaries were mmapped or the heap
+    trimmed and page-faulted afresh on every call until some live buffer happened to pin the heap top, which made
+    the reference 2-3x slower at shallow depth than deep at 1e5-1e6 lanes: an allocator artefact, not a depth
+    effect. Arrays of 1e7 int64 (80 MB) are always mmapped, as in any process. Falls back to allocating and
+    freeing one 32 MB buffer (which raises the dynamic thresholds) where mallopt is not available."""
+    a = np.ones(4_000_000, dtype=np.int64)   # 32 MB: raises glibc's dynamic thresholds where mallopt fails
     del a
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = (libc.mallopt(m_mmap_threshold, 32 << 20) == 1) & (libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+        return {"method": "glibc mallopt", "M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 1 << 30, "ok": ok}
+    except (OSError, AttributeError):
+        return {"method": "32 MB allocate/free (no glibc mallopt)", "ok": None}
 
 
 def warm_up(be: str) -> None:
@@ -445,11 +457,11 @@ def backend_job(be: str, cfg: dict) -> dict:
     revsgd.set_num_threads(cfg["threads"])
     _REPEAT_BUDGET[0] = cfg["repeat_budget_s"]
     _CONTENTION[0] = cfg["contention"]
-    settle_allocator()
+    alloc = settle_allocator()
     warm_up(be)
     k, n, repeats, budget_s, seed = cfg["k"], cfg["n"], cfg["repeats"], cfg["budget_s"], cfg["seed"]
     out = {"cells": [], "crosscheck": [], "value_range": None,
-           "process": {"pid": os.getpid(), "threads": cfg["threads"]}}
+           "process": {"pid": os.getpid(), "threads": cfg["threads"], "allocator": alloc}}
     try:
         from revsgd import _cpp
         out["process"]["cpp_threads"] = _cpp.get_num_threads()
@@ -716,7 +728,7 @@ def main(argv=None) -> int:
     contention = dict(_CONTENTION[0], retries=args.contention_retries if args.contention_retries is not None
                       else (0 if q else 2))
     _CONTENTION[0] = contention
-    settle_allocator()
+    allocator = settle_allocator()
     big_lanes = args.bigint_lanes if args.bigint_lanes is not None else (2 * 10**4 if q else 10**5)
     big_depths = parse_int_list(args.bigint_depths) if args.bigint_depths else ([1000] if q else [1000, 10000])
     big_k = args.bigint_steps if args.bigint_steps is not None else (2 if q else 3)
@@ -741,7 +753,7 @@ def main(argv=None) -> int:
                    "threads": threads, "frac_bits": FRAC_BITS, "alpha": 0.01, "value_std": 0.01,
                    "quick": q, "seed": args.seed, "repeat_budget_s": repeat_budget_s,
                    "isolated_backend_processes": not args.no_isolate,
-                   "contention_retry": contention},
+                   "contention_retry": contention, "allocator": allocator},
         "protocol": (
             "Per cell (backend, lanes L, depth T): one ExactMomentum with its tape. Preload the tape to depth T-k "
             f"(k={k}) by Tape.scale of a separate int64 array P: 'real' = T-k scales with the benchmark n "

@@ -48,3 +48,18 @@ def test_verify_passes_here():
     out = subprocess.run([sys.executable, "-m", "revsgd", "verify"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 failed" in out.stdout
+
+
+def test_bench_runs_each_method_in_a_fresh_process(tmp_path, capsys):
+    from revsgd.bench import main as bench_main
+    out = tmp_path / "b.json"
+    assert bench_main(["--steps", "20", "--methods", "plain", "exact", "naive", "drmad", "--exact-extra",
+                       "--out", str(out), "--png", str(tmp_path / "b.png")]) == 0
+    doc = json.loads(out.read_text())
+    res = {r["method"]: r for r in doc["results"]}
+    assert all(r["status"] == "ok" for r in res.values()), res
+    assert res["exact"]["tape_bytes"] > 0 and res["exact"]["peak_rss_mb"] > 0
+    assert res["naive"]["rel_error"]["lr"] < 1e-4          # float32 model: naive agrees with exact
+    assert res["drmad"]["rel_error"]["lr"] > 1e-4          # the approximation is visibly approximate
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| exact | 20 |" in capsys.readouterr().out
