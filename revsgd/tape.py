@@ -31,10 +31,9 @@ def _check_n(n, num_lanes: int) -> np.ndarray:
     if isinstance(n, (bool, np.bool_)):
         raise TypeError("n must be an int or an integer array, got bool")
     if isinstance(n, (int, np.integer)):
-        arr = np.array([n], dtype=np.int64) if -2**63 <= int(n) < 2**63 else None
-        if arr is None or not 1 <= int(n) <= GAMMA_ONE:
+        if not 1 <= int(n) <= GAMMA_ONE:
             raise ValueError(f"n must lie in [1, {GAMMA_ONE}], got {n}")
-        return arr
+        return np.array([n], dtype=np.int64)
     if not isinstance(n, np.ndarray):
         raise TypeError(f"n must be an int or a 1-D integer numpy array, got {type(n).__name__}")
     if n.dtype.kind not in "iu":
