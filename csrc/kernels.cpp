@@ -57,6 +57,23 @@ inline int64_t floordiv64(int64_t v, int64_t n, double inv_n, int64_t &rem) {
     return qa * 4294967296LL + q2;
 }
 
+// d = fix((1 − n/2^16)·g), the velocity update's integer.
+inline int8_t velocity_term(double g, double cg, double twoF, int64_t &d) {
+    if (!std::isfinite(g)) return GRAD_NONFINITE;
+    const double y = (cg * g) * twoF;
+    if (!in_int64(y)) return VEL_FIX_OVERFLOW;
+    d = rint64(y);
+    return OK;
+}
+
+// e = fix(α·flt(V)) = rint(α·float64(V)), the position update's integer.
+inline int8_t position_term(double a, int64_t v, int64_t &e) {
+    const double y = a * static_cast<double>(v);
+    if (!in_int64(y)) return POS_FIX_OVERFLOW;
+    e = rint64(y);
+    return OK;
+}
+
 struct Args {
     int64_t *V; int64_t *W; const double *G; const double *alpha; const int64_t *n;
     uint32_t *heads; const uint64_t *ptrs; int64_t *lens; const int64_t *caps;
@@ -98,19 +115,15 @@ void forward_impl(const Args &A) {
                 x = xq;
             }
             if (HG) {
-                const double g = A.G[i];
-                if (!std::isfinite(g)) { code = GRAD_NONFINITE; break; }
-                const double d = (cg * g) * A.twoF;
-                if (!in_int64(d)) { code = VEL_FIX_OVERFLOW; break; }
-                int64_t v2;
-                if (__builtin_sub_overflow(v, rint64(d), &v2)) { code = VEL_OVERFLOW; break; }
-                v = v2;
+                int64_t d;
+                if ((code = velocity_term(A.G[i], cg, A.twoF, d)) != OK) break;
+                if (__builtin_sub_overflow(v, d, &v)) { code = VEL_OVERFLOW; break; }
             }
             int64_t w2 = 0;
             if (HW) {
-                const double ef = a * static_cast<double>(v);
-                if (!in_int64(ef)) { code = POS_FIX_OVERFLOW; break; }
-                if (__builtin_add_overflow(A.W[i], rint64(ef), &w2)) { code = POS_OVERFLOW; break; }
+                int64_t e;
+                if ((code = position_term(a, v, e)) != OK) break;
+                if (__builtin_add_overflow(A.W[i], e, &w2)) { code = POS_OVERFLOW; break; }
             }
             if (emit) {
                 if (k == cap) { code = FULL; break; }
@@ -149,18 +162,14 @@ void reverse_impl(const Args &A) {
             int64_t v = A.V[i];
             int64_t w2 = 0;
             if (HW) {
-                const double ef = a * static_cast<double>(v);
-                if (!in_int64(ef)) { code = POS_FIX_OVERFLOW; break; }
-                if (__builtin_sub_overflow(A.W[i], rint64(ef), &w2)) { code = POS_OVERFLOW; break; }
+                int64_t e;
+                if ((code = position_term(a, v, e)) != OK) break;
+                if (__builtin_sub_overflow(A.W[i], e, &w2)) { code = POS_OVERFLOW; break; }
             }
             if (HG) {
-                const double g = A.G[i];
-                if (!std::isfinite(g)) { code = GRAD_NONFINITE; break; }
-                const double d = (cg * g) * A.twoF;
-                if (!in_int64(d)) { code = VEL_FIX_OVERFLOW; break; }
-                int64_t v2;
-                if (__builtin_add_overflow(v, rint64(d), &v2)) { code = VEL_OVERFLOW; break; }
-                v = v2;
+                int64_t d;
+                if ((code = velocity_term(A.G[i], cg, A.twoF, d)) != OK) break;
+                if (__builtin_add_overflow(v, d, &v)) { code = VEL_OVERFLOW; break; }
             }
             int64_t x = 0;
             bool pop = false;

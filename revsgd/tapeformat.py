@@ -160,6 +160,8 @@ class TapeStorage:
         heads = np.frombuffer(mv, dtype="<u4", count=num_lanes, offset=off).astype(np.uint32)
         if np.any(heads < HEAD_START):
             raise TapeFormatError("tape head below 2^16: the bytes are corrupt")
+        if depth == 0 and (lens.any() or np.any(heads != HEAD_START)):
+            raise TapeFormatError("tape holds bits but no outstanding steps: the bytes are inconsistent")
         st = cls(int(num_lanes))
         st.heads[:] = heads
         st.depth = int(depth)

@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover - numba is a hard dependency, but the re
 else:
     available = True
 
+from ._args import kernel_args
+
 name = "numba"
 
 if available:
@@ -40,6 +42,24 @@ if available:
     _TWO63 = 2.0**63
     _TWO47 = 1 << 47
     _TWO50 = 1 << 50
+
+    @njit(cache=True, nogil=True)
+    def _velocity_term(g, ni, twoF):
+        """(code, fix((1 − n/2^16)·g)): the velocity update's integer."""
+        if not np.isfinite(g):
+            return 2, np.int64(0)
+        d = (np.float64(65536 - ni) * 2.0**-16 * g) * twoF
+        if not (d >= -_TWO63 and d < _TWO63):
+            return 3, np.int64(0)
+        return 0, np.int64(np.rint(d))
+
+    @njit(cache=True, nogil=True)
+    def _position_term(a, v):
+        """(code, fix(α·flt(V)) = rint(α·float64(V))): the position update's integer."""
+        ef = a * np.float64(v)
+        if not (ef >= -_TWO63 and ef < _TWO63):
+            return 5, np.int64(0)
+        return 0, np.int64(np.rint(ef))
 
     @njit(parallel=True, cache=True, nogil=True)
     def _forward(V, W, G, alpha, n, heads, ptrs, lens, caps, begin, end, status, do_scale, has_w, has_g, twoF):
@@ -70,15 +90,9 @@ if available:
                     v = q * ni + (y - xq * ni)
                     x = xq
                 if has_g:
-                    g = G[i]
-                    if not np.isfinite(g):
-                        code = 2
+                    code, D = _velocity_term(G[i], ni, twoF)
+                    if code != 0:
                         break
-                    d = (np.float64(65536 - ni) * 2.0**-16 * g) * twoF
-                    if not (d >= -_TWO63 and d < _TWO63):
-                        code = 3
-                        break
-                    D = np.int64(np.rint(d))
                     v2 = v - D
                     if ((v ^ D) & (v ^ v2)) < 0:
                         code = 4
@@ -86,11 +100,9 @@ if available:
                     v = v2
                 w2 = np.int64(0)
                 if has_w:
-                    ef = alpha[i * a_step] * np.float64(v)
-                    if not (ef >= -_TWO63 and ef < _TWO63):
-                        code = 5
+                    code, E = _position_term(alpha[i * a_step], v)
+                    if code != 0:
                         break
-                    E = np.int64(np.rint(ef))
                     w = W[i]
                     w2 = w + E
                     if ((w ^ w2) & (E ^ w2)) < 0:
@@ -127,26 +139,18 @@ if available:
                 v = V[i]
                 w2 = np.int64(0)
                 if has_w:
-                    ef = alpha[i * a_step] * np.float64(v)
-                    if not (ef >= -_TWO63 and ef < _TWO63):
-                        code = 5
+                    code, E = _position_term(alpha[i * a_step], v)
+                    if code != 0:
                         break
-                    E = np.int64(np.rint(ef))
                     w = W[i]
                     w2 = w - E
                     if ((w ^ E) & (w ^ w2)) < 0:
                         code = 6
                         break
                 if has_g:
-                    g = G[i]
-                    if not np.isfinite(g):
-                        code = 2
+                    code, D = _velocity_term(G[i], ni, twoF)
+                    if code != 0:
                         break
-                    d = (np.float64(65536 - ni) * 2.0**-16 * g) * twoF
-                    if not (d >= -_TWO63 and d < _TWO63):
-                        code = 3
-                        break
-                    D = np.int64(np.rint(d))
                     v2 = v + D
                     if ((v ^ v2) & (D ^ v2)) < 0:
                         code = 4
@@ -192,23 +196,13 @@ if available:
             lens[c] = k
             status[c] = code
 
-_NO_W = np.zeros(0, dtype=np.int64)
-_NO_G = np.zeros(0, dtype=np.float64)
-_NO_A = np.zeros(1, dtype=np.float64)
-
-
-def _call(kernel, st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status):
-    kernel(V, _NO_W if W is None else W, _NO_G if G is None else G, _NO_A if alpha is None else alpha, n,
-           st.heads, st.ptrs, st.lens, st.caps, begin, end, status, do_scale, W is not None, G is not None,
-           2.0**frac_bits)
-
 
 def forward(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status) -> None:
-    _call(_forward, st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status)
+    _forward(*kernel_args(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status))
 
 
 def reverse(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status) -> None:
-    _call(_reverse, st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status)
+    _reverse(*kernel_args(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status))
 
 
 def set_num_threads(k: int) -> None:
