@@ -8,6 +8,7 @@ inside the losses; the optimiser state is float64 (``exact``: int64 fixed point)
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -98,7 +99,7 @@ def _scalar(loss, what: str, t: Optional[int] = None) -> torch.Tensor:
     if loss.numel() != 1 or loss.dim() > 1:
         raise ValueError(f"{what} must return a scalar Tensor{where}, got shape {tuple(loss.shape)}")
     loss = loss.reshape(())
-    if not torch.isfinite(loss):
+    if not math.isfinite(loss.item()):
         raise ValueError(f"{what} returned a non-finite value{where}: {loss.item()}")
     return loss
 
@@ -143,13 +144,13 @@ class _TorchProblem:
         g = self.P.flat(gs)
         wrt = list(ps.values()) + [h for h in hs.values() if h.requires_grad]
 
-        def vjp(u: np.ndarray):
+        def vjp(u: np.ndarray):  # (∇_w (g·u), ∂_θ (g·u)): one backward pass through the gradient's graph
+            pairs = [(gi, ui) for gi, ui in zip(gs, self.P.unflat(u, False).values())
+                     if gi is not None and gi.requires_grad]
+            if not pairs:
+                return np.zeros_like(u), None
             with torch.enable_grad():
-                us = self.P.unflat(u, False)
-                terms = [(gi * ui).sum() for gi, ui in zip(gs, us.values()) if gi is not None and gi.requires_grad]
-                if not terms:
-                    return np.zeros_like(u), None
-                out = torch.autograd.grad(torch.stack([x.to(torch.float64) for x in terms]).sum(), wrt,
+                out = torch.autograd.grad([gi for gi, _ in pairs], wrt, grad_outputs=[ui for _, ui in pairs],
                                           allow_unused=True)
             return self.P.flat(out[:len(ps)]), self.theta(out[len(ps):])
         return g, vjp

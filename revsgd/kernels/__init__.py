@@ -19,6 +19,9 @@ from ..tapeformat import TapeStorage
 from . import codes, reference
 
 
+TRIM_EVERY = 32  # reverse steps between checks for stream memory to give back (and always at the start)
+
+
 class TapeExhaustedError(RuntimeError):
     """A reverse step needed bits the tape does not hold."""
 
@@ -136,5 +139,5 @@ def run(be: ModuleType, st: TapeStorage, forward: bool, V: np.ndarray, W: Option
             st.reserve(int(c), 1)
     if do_scale:
         st.depth += 1 if forward else -1
-        if not forward:
+        if not forward and st.depth % TRIM_EVERY == 0:
             st.trim()
