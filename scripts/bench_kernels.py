@@ -54,12 +54,13 @@ looked like a (false) 2-3x depth dependence.
 
 Isolation and contention: each backend runs in a fresh process (``--no-isolate`` to switch off), as a user runs
 one backend; the numba and C++ kernels share one libgomp, and after numba had run, the C++ kernel was seen to
-stall ~8 ms per call under contention where it had not before. Each cell records ``other_processes_cores``: the cores other processes kept busy while it was timed
-(/proc/stat minus this process). With 2 kernel threads on 2 cores, another busy process costs a 2-thread
-fork-join about one scheduler slice (~8 ms) per call, which dominates at 1e5 lanes; read such cells with that
-in mind (the summary lists them as ``contended_cells``). Such a cell's timed block (not its preload) is run
-again after 5 s, up to ``--contention-retries`` times (default 2) if a block takes <= 20 s; all repeats of all
-attempts count towards the best time and each attempt's contention is kept in ``attempts``.
+stall ~8 ms per call under contention where it had not before. Each cell records ``other_processes_cores``:
+the cores other processes kept busy while it was timed (/proc/stat minus this process). With 2 kernel threads
+on 2 cores, another busy process costs a 2-thread fork-join about one scheduler slice (~8 ms) per call, which
+dominates at 1e5 lanes; read such cells with that in mind (the summary lists them as ``contended_cells``).
+Such a cell's timed block (not its preload) is run again after 5 s, up to ``--contention-retries`` times
+(default 2) if a block takes <= 20 s; all repeats of all attempts count towards the best time and each
+attempt's contention is kept in ``attempts``.
 
 Values: X, P are fix(N(0, 0.01²)) at F = 52 and the gradient is N(0, 0.01²) so the velocity stays of that size,
 as in training. The compiled kernels divide |v| < 2^50 on a faster path; ``value_range`` reports scale/unscale on
@@ -516,7 +517,7 @@ def backend_job(be: str, cfg: dict) -> dict:
 # bigint baseline: one Python int per lane (hypergrad's BitStore)
 # ---------------------------------------------------------------------------------------------------------------
 def bigint_scale(store: list, X: list, n: int) -> None:
-    """X ← X·n/65536 with the lost bits pushed onto the per-lane Python int ``store`` (push r mod 2^16, pop mod n)."""
+    """X ← X·n/65536, the lost bits pushed onto the per-lane Python int ``store`` (push r mod 2^16, pop mod n)."""
     for i in range(len(X)):
         x = X[i]
         st, s = divmod((store[i] << 16) | (x & 0xFFFF), n)

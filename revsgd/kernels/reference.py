@@ -48,6 +48,15 @@ def _flag(err: np.ndarray, bad: np.ndarray, code: int) -> None:
     err[bad & (err == 0)] = code
 
 
+def _by_chunk(pos: np.ndarray, i: np.ndarray):
+    """Group positions ``pos`` (ascending, into the ascending lane list ``i``) by chunk: yields (chunk, positions)."""
+    if pos.size == 0:
+        return []
+    cid = i[pos] // CHUNK
+    cuts = np.flatnonzero(np.diff(cid)) + 1
+    return zip(cid[np.r_[0, cuts]], np.split(pos, cuts))
+
+
 def _stops(i: np.ndarray, err: np.ndarray, begin, end, status, forward: bool) -> np.ndarray:
     """Per-chunk stop semantics of every backend: a chunk walks its lanes (ascending forward, descending in
     reverse), stops at its first failing lane and records that lane's code; returns the mask of lanes to commit
@@ -116,15 +125,12 @@ def forward(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, 
         _flag(err, ((w ^ w2) & (e ^ w2)) < 0, codes.POS_OVERFLOW)
     ok = _stops(i, err, begin, end, status, forward=True)
     if do_scale:
-        em = np.flatnonzero(emit & ok)
-        if em.size:
-            cid = i[em] // CHUNK
-            for c in np.unique(cid):
-                wc = words[em[cid == c]]
-                st.reserve(int(c), wc.size)
-                k = int(st.lens[c])
-                st.streams[c][k:k + wc.size] = wc
-                st.lens[c] = k + wc.size
+        for c, pos in _by_chunk(np.flatnonzero(emit & ok), i):
+            wc = words[pos]
+            st.reserve(int(c), wc.size)
+            k = int(st.lens[c])
+            st.streams[c][k:k + wc.size] = wc
+            st.lens[c] = k + wc.size
         st.heads[i[ok]] = x[ok].astype(np.uint32)
     V[i[ok]] = v[ok]
     if W is not None:
@@ -155,20 +161,15 @@ def reverse(st: TapeStorage, V, W, G, alpha, n, do_scale: bool, frac_bits: int, 
         y = st.heads[i].astype(np.uint64) * n_l.astype(np.uint64) + s
         r = (y & _M16).astype(np.int64)
         x = y >> _S16
-        pop = np.flatnonzero(x < (1 << 16))
-        cid = i[pop] // CHUNK
-        for c in np.unique(cid):
-            p = pop[cid == c]                 # ascending; descending lanes pop the top of the stream first
+        for c, p in _by_chunk(np.flatnonzero(x < (1 << 16)), i):
+            # p ascending; descending lanes pop the top of the stream first
             short = p.size - int(st.lens[c])  # the lowest `short` poppers find the stream empty
             if short > 0:
                 _flag(err, np.isin(np.arange(i.size), p[:short]), codes.TAPE_EMPTY)
         v = q * 65536 + r
     ok = _stops(i, err, begin, end, status, forward=False)
     if do_scale:
-        pop = np.flatnonzero((x < (1 << 16)) & ok)
-        cid = i[pop] // CHUNK
-        for c in np.unique(cid):
-            p = pop[cid == c]
+        for c, p in _by_chunk(np.flatnonzero((x < (1 << 16)) & ok), i):
             have = int(st.lens[c])
             x[p] = (x[p] << _S16) | st.streams[c][have - p.size:have].astype(np.uint64)
             st.lens[c] = have - p.size
