@@ -30,7 +30,8 @@ class MetaSpec:
     lr: torch.Tensor
     momentum: torch.Tensor
     hypers: dict = field(default_factory=dict)
-    evaluate: Optional[Callable[[dict], dict]] = None   # final params -> extra metrics (floats) for the record
+    evaluate: Optional[Callable[[dict], dict]] = None   # final params -> extra metrics (floats) for the record;
+    # by default the record's "train_loss" is the final params' loss on the last step's minibatch
 
 
 class MetaTrainer:
@@ -116,6 +117,9 @@ class MetaTrainer:
                                    for k, v in self.free.items()},
                "tape_bytes": int(res.stats.get("tape_bytes", 0)),
                "seconds_hypergrad": res.stats.get("seconds_forward", 0.0) + res.stats.get("seconds_reverse", 0.0)}
+        with torch.no_grad():  # the final params' loss on the last step's minibatch (evaluate may refine it)
+            rec["train_loss"] = float(spec.train_loss(res.params, {k: v.detach() for k, v in spec.hypers.items()},
+                                                      spec.lr.shape[0] - 1))
         if spec.evaluate is not None:
             rec.update({k: float(v) for k, v in spec.evaluate(res.params).items()})
         self.opt.step()

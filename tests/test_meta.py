@@ -50,6 +50,7 @@ def test_meta_loop_lowers_validation_loss():
     assert len(recs) == 10
     assert recs[-1]["val_loss"] < 0.5 * recs[0]["val_loss"]
     assert all(r["hypergrad_norms"]["lr"] > 0 and r["tape_bytes"] > 0 for r in recs)
+    assert all(r["train_loss"] > 0 and r["seconds"] > 0 for r in recs)
     assert [r["seed"] for r in recs] == list(range(10))
 
 
