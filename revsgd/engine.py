@@ -293,6 +293,11 @@ class Unroll:
         self.T = T = _check_inputs(w0, lr, n, offsets, v0)
         if method not in ENGINE_METHODS:
             raise ValueError(f"unknown method {method!r} for the NumPy engine; choose one of {ENGINE_METHODS}")
+        for opt, val, owner in (("checkpoint_every", checkpoint_every, "checkpoint"), ("truncate", truncate,
+                                "truncated"), ("backend", backend, "exact"),
+                                ("frac_bits", None if frac_bits == DEFAULT_FRAC_BITS else frac_bits, "exact")):
+            if val is not None and method != owner:
+                raise TypeError(f"option {opt!r} belongs to method {owner!r}, not {method!r}")
         v0 = np.zeros_like(w0) if v0 is None else np.ascontiguousarray(v0, dtype=np.float64)
         self.grad, self.grad_vjp, self.method, self.num_hypers = grad, grad_vjp, method, num_hypers
         self.lr, self.n = Schedule(lr, offsets), Schedule(n.astype(np.int64), offsets)
