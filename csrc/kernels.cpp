@@ -81,6 +81,23 @@ struct Args {
     int64_t nchunks; double twoF;
 };
 
+// A lane's n, 1/n, 1 − n/2^16 and α: loaded once per chunk when shared by all lanes (NL / AL false).
+template <bool NL, bool AL>
+struct LaneParams {
+    int64_t n;
+    double inv, cg, a;
+    explicit LaneParams(const Args &A) : a(A.alpha[0]) { set_n(A.n[0]); }
+    void set_n(int64_t v) {
+        n = v;
+        inv = 1.0 / static_cast<double>(v);
+        cg = static_cast<double>(65536 - v) * 0x1p-16;
+    }
+    void load(const Args &A, int64_t i) {
+        if (NL) set_n(A.n[i]);
+        if (AL) a = A.alpha[i];
+    }
+};
+
 template <bool SCALE, bool HW, bool HG, bool NL, bool AL>
 void forward_impl(const Args &A) {
 #pragma omp parallel for schedule(dynamic, 1) if (A.nchunks > 1)
@@ -91,38 +108,30 @@ void forward_impl(const Args &A) {
         int64_t k = A.lens[c];
         const int64_t cap = A.caps[c];
         int8_t code = OK;
-        int64_t ni = A.n[0];
-        double inv = 1.0 / static_cast<double>(ni);
-        double cg = static_cast<double>(65536 - ni) * 0x1p-16;
-        double a = A.alpha[0];
+        LaneParams<NL, AL> P(A);
         for (; i < e; ++i) {
-            if (NL) {
-                ni = A.n[i];
-                inv = 1.0 / static_cast<double>(ni);
-                cg = static_cast<double>(65536 - ni) * 0x1p-16;
-            }
-            if (AL) a = A.alpha[i];
+            P.load(A, i);
             int64_t v = A.V[i];
             int64_t x = 0, word = 0;
             bool emit = false;
             if (SCALE) {
                 x = A.heads[i];
                 const int64_t q = v >> 16, r = v & 0xFFFF;
-                if (x >= (ni << 16)) { emit = true; word = x & 0xFFFF; x >>= 16; }
+                if (x >= (P.n << 16)) { emit = true; word = x & 0xFFFF; x >>= 16; }
                 const int64_t y = (x << 16) | r;
-                const int64_t xq = div48(y, inv);
-                v = q * ni + (y - xq * ni);
+                const int64_t xq = div48(y, P.inv);
+                v = q * P.n + (y - xq * P.n);
                 x = xq;
             }
             if (HG) {
                 int64_t d;
-                if ((code = velocity_term(A.G[i], cg, A.twoF, d)) != OK) break;
+                if ((code = velocity_term(A.G[i], P.cg, A.twoF, d)) != OK) break;
                 if (__builtin_sub_overflow(v, d, &v)) { code = VEL_OVERFLOW; break; }
             }
             int64_t w2 = 0;
             if (HW) {
                 int64_t e;
-                if ((code = position_term(a, v, e)) != OK) break;
+                if ((code = position_term(P.a, v, e)) != OK) break;
                 if (__builtin_add_overflow(A.W[i], e, &w2)) { code = POS_OVERFLOW; break; }
             }
             if (emit) {
@@ -148,36 +157,28 @@ void reverse_impl(const Args &A) {
         const uint16_t *p = reinterpret_cast<const uint16_t *>(A.ptrs[c]);
         int64_t k = A.lens[c];
         int8_t code = OK;
-        int64_t ni = A.n[0];
-        double inv = 1.0 / static_cast<double>(ni);
-        double cg = static_cast<double>(65536 - ni) * 0x1p-16;
-        double a = A.alpha[0];
+        LaneParams<NL, AL> P(A);
         for (; i >= b; --i) {
-            if (NL) {
-                ni = A.n[i];
-                inv = 1.0 / static_cast<double>(ni);
-                cg = static_cast<double>(65536 - ni) * 0x1p-16;
-            }
-            if (AL) a = A.alpha[i];
+            P.load(A, i);
             int64_t v = A.V[i];
             int64_t w2 = 0;
             if (HW) {
                 int64_t e;
-                if ((code = position_term(a, v, e)) != OK) break;
+                if ((code = position_term(P.a, v, e)) != OK) break;
                 if (__builtin_sub_overflow(A.W[i], e, &w2)) { code = POS_OVERFLOW; break; }
             }
             if (HG) {
                 int64_t d;
-                if ((code = velocity_term(A.G[i], cg, A.twoF, d)) != OK) break;
+                if ((code = velocity_term(A.G[i], P.cg, A.twoF, d)) != OK) break;
                 if (__builtin_add_overflow(v, d, &v)) { code = VEL_OVERFLOW; break; }
             }
             int64_t x = 0;
             bool pop = false;
             if (SCALE) {
                 int64_t s;
-                const int64_t q = floordiv64(v, ni, inv, s);
+                const int64_t q = floordiv64(v, P.n, P.inv, s);
                 if (q < -TWO47 || q >= TWO47) { code = UNSCALE_OVERFLOW; break; }
-                const int64_t y = static_cast<int64_t>(A.heads[i]) * ni + s;
+                const int64_t y = static_cast<int64_t>(A.heads[i]) * P.n + s;
                 x = y >> 16;
                 if (x < 65536) {
                     if (k == 0) { code = TAPE_EMPTY; break; }
