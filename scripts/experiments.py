@@ -351,7 +351,7 @@ def render() -> None:
         nm = load("naive_memory")
         if name == "schedules_T10000" and nm:
             g = nm["peak_rss_growth_mb"]
-            L += [f"- naive autograd through the same unroll: peak RSS grows by "
+            L += ["- naive autograd through the same unroll: peak RSS grows by "
                   + ", ".join(f"{v:.0f} MB at T={k}" for k, v in g.items())
                   + f" (fresh processes): {nm['mb_per_step']:.2f} MB per step, {nm['bytes_per_param_per_step']:.0f} "
                   f"bytes per parameter per step, so about {nm['estimate_gb_at_target']:.1f} GB at T=10,000 on this "

@@ -443,6 +443,14 @@ def test_inconsistent_word_count_with_valid_crc():
         Tape.from_bytes(_with_crc(bytes(body)))
 
 
+def test_bits_without_outstanding_steps_with_valid_crc():
+    b = _tape_with_history()[3]
+    body = bytearray(b[:-4])
+    struct.pack_into("<Q", body, HEADER.size - 8, 0)  # depth := 0 while heads and words hold bits
+    with pytest.raises(TapeFormatError, match="inconsistent"):
+        Tape.from_bytes(_with_crc(bytes(body)))
+
+
 def test_from_bytes_never_unpickles(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("pickle used")

@@ -671,3 +671,12 @@ def test_bad_input_params0_not_a_dict(params0):
 def test_bad_input_checkpoint_every(opts):
     with pytest.raises(ValueError, match="checkpoint_every"):
         _call(method="checkpoint", **opts)
+
+
+@pytest.mark.parametrize("method,opts", [("trajectory", {"checkpoint_every": 3}), ("exact", {"truncate": 2}),
+                                         ("drmad", {"backend": "numpy"}), ("checkpoint", {"frac_bits": 40})])
+def test_numpy_level_refuses_options_of_other_methods(method, opts):
+    grad = lambda w, t: w  # noqa: E731
+    with pytest.raises(TypeError, match="belongs to method"):
+        revsgd.Unroll(grad, lambda w, t: (w, lambda u: (u, None)), np.zeros(3), np.full(4, 0.1),
+                      np.full(4, 60000), method=method, **opts)
