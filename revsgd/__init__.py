@@ -9,11 +9,11 @@ Layers (dependencies point down only; DESIGN.md §7)::
     kernels                 revsgd.kernels (numpy reference | numba | cpp)
     tape + fixed point      revsgd.tapeformat, revsgd.fixed
 """
-from .fixed import (DEFAULT_FRAC_BITS, NonFiniteError, dequantize_momentum, from_fixed, quantize_momentum,
+from .core.fixed import (DEFAULT_FRAC_BITS, NonFiniteError, dequantize_momentum, from_fixed, quantize_momentum,
                     to_fixed)
 from .kernels import BACKENDS, TapeExhaustedError, set_num_threads
-from .tape import ExactMomentum, Tape
-from .tapeformat import TapeFormatError
+from .core.tape import ExactMomentum, Tape
+from .core.tapeformat import TapeFormatError
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 from .engine import EngineResult, ReversalError, Unroll, hypergrad_numpy  # noqa: E402
-from .unroll import HypergradResult, hypergrad, pinned_threads, unroll  # noqa: E402
+from .frontend.functional import HypergradResult, hypergrad, pinned_threads, unroll  # noqa: E402
 
 __all__ += ["hypergrad", "unroll", "HypergradResult", "ReversalError", "hypergrad_numpy", "Unroll", "EngineResult",
             "pinned_threads"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import revsgd
 from revsgd.meta import MetaSpec, MetaTrainer
-from revsgd.params import InitScale, LogitSchedule, LogScale, LogSchedule
+from revsgd.meta.params import InitScale, LogitSchedule, LogScale, LogSchedule
 from revsgd.problems import Batches, accuracy, digits_mlp, load_mnist, mlp_forward, mlp_init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import revsgd
-from revsgd.tapeformat import CHUNK
+from revsgd.core.tapeformat import CHUNK
 
 settings.register_profile(
     "revsgd",

@@ -51,7 +51,7 @@ def test_verify_passes_here():
 
 
 def test_bench_runs_each_method_in_a_fresh_process(tmp_path, capsys):
-    from revsgd.bench import main as bench_main
+    from revsgd.bench.unroll import main as bench_main
     out = tmp_path / "b.json"
     assert bench_main(["--steps", "20", "--methods", "plain", "exact", "naive", "drmad", "--exact-extra",
                        "--out", str(out), "--png", str(tmp_path / "b.png")]) == 0

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import revsgd
 from revsgd import ExactMomentum, NonFiniteError, TapeExhaustedError, from_fixed, to_fixed
-from revsgd.tapeformat import CHUNK
+from revsgd.core.tapeformat import CHUNK
 from tests.conftest import (BACKENDS, COMPILED, REFERENCE, ModelTape, momentum_schedule, momentum_snapshot,
                             num_threads, reverse_momentum, run_momentum)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from revsgd.meta import MetaSpec, MetaTrainer
-from revsgd.params import LogitSchedule, LogSchedule
+from revsgd.meta.params import LogitSchedule, LogSchedule
 
 T = 25
 

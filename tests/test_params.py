@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from revsgd.params import InitScale, LogitSchedule, LogScale, LogSchedule, interp_matrix
+from revsgd.meta.params import InitScale, LogitSchedule, LogScale, LogSchedule, interp_matrix
 
 
 def test_interp_matrix_rows_are_convex_combinations_hitting_the_knots():

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from revsgd import Tape, TapeExhaustedError, TapeFormatError
-from revsgd.tapeformat import CHUNK, HEAD_START
+from revsgd.core.tapeformat import CHUNK, HEAD_START
 from tests.conftest import (BACKENDS, COMPILED, I64_MAX, I64_MIN, REFERENCE, ModelTape, random_int64, random_schedule,
                             run_tape, tape_snapshot, unscale_all)
 

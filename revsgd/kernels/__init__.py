@@ -14,8 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..fixed import NonFiniteError, fixed_range
-from ..tapeformat import TapeStorage
+from ..core.fixed import NonFiniteError, fixed_range
+from ..core.tapeformat import TapeStorage
 from . import codes, reference
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tapeformat import CHUNK, TapeStorage
+from ..core.tapeformat import CHUNK, TapeStorage
 from . import codes
 
 name = "numpy"

@@ -13,7 +13,7 @@ through ``revsgd.hypergrad(..., threads=1)``, and ``plain``: the same T momentum
 gradients only (float32 params and velocity, ``torch.autograd.grad`` + in-place updates under ``no_grad``, the same
 quantised γ), i.e. ordinary training without any hypergradient.
 
-Protocol: every (method, T) runs in a FRESH child process (``python -m revsgd.bench --child JSON``) with
+Protocol: every (method, T) runs in a FRESH child process (``python -m revsgd.bench.unroll --child JSON``) with
 ``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)`` and ``revsgd.set_num_threads(1)``. The child imports torch and
 revsgd, builds the problem and the schedules, runs one training-loss gradient (warm-up of torch's autograd), and
 records its RSS (``baseline``); then it runs the method once and records
@@ -89,7 +89,7 @@ def _plain(prob, T, lr, momentum):
     """Ordinary momentum SGD, first-order gradients only, in the params' dtype (float32)."""
     import torch
     from revsgd import quantize_momentum
-    from revsgd.fixed import GAMMA_ONE
+    from revsgd.core.fixed import GAMMA_ONE
     gam = (quantize_momentum(momentum.double().numpy()) / GAMMA_ONE).tolist()
     alphas = lr.double().tolist()
     ps = {k: v.detach().clone().requires_grad_() for k, v in prob.params0.items()}
@@ -200,7 +200,7 @@ def run_child(method: str, T: int, tmpdir: str, timeout: float, mem_limit_gb: fl
                NUMBA_NUM_THREADS="1")
     limit = mem_limit_gb * 2 ** 30
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "revsgd.bench", "--child", json.dumps(cfg)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "revsgd.bench.unroll", "--child", json.dumps(cfg)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     killed, max_seen = None, 0
     log_chunks = []

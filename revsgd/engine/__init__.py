@@ -31,9 +31,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .fixed import DEFAULT_FRAC_BITS, GAMMA_ONE
-from .kernels import TapeExhaustedError
-from .tape import ExactMomentum
+from ..core.fixed import DEFAULT_FRAC_BITS, GAMMA_ONE
+from ..kernels import TapeExhaustedError
+from ..core.tape import ExactMomentum
 
 GradFn = Callable[[np.ndarray, int], np.ndarray]
 VjpFn = Callable[[np.ndarray], tuple]

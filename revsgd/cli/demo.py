@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 
-from .meta import MetaSpec, MetaTrainer
-from .params import LogitSchedule, LogSchedule
-from .problems import accuracy, load_digits, mlp_forward, mlp_problem
+from ..meta import MetaSpec, MetaTrainer
+from ..meta.params import LogitSchedule, LogSchedule
+from ..problems import accuracy, load_digits, mlp_forward, mlp_problem
 
 
 def schedule_problem(data, *, T: int, knots: Optional[int], hidden=(100,), batch: int = 64, lr0: float = 0.02,

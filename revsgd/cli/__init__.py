@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  threads=args.threads, checkpoint=args.checkpoint, progress=not args.no_progress)
         return 0
     if args.command == "bench":
-        from .bench import main as bench_main
+        from ..bench.unroll import main as bench_main
         return bench_main(["--steps", *map(str, args.steps), "--exact-extra", "--out", args.out, "--png", args.png])
     from .verify import main as verify_main
     return verify_main()

@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from . import kernels
+from .. import kernels
 from .fixed import DEFAULT_FRAC_BITS, GAMMA_ONE, NonFiniteError, check_frac_bits, from_fixed, to_fixed
 from .tapeformat import TapeStorage
 

@@ -1,6 +1,6 @@
 """The meta loop: gradient-based hyperparameter optimisation with one :func:`revsgd.hypergrad` per meta-iteration.
 
-You provide the free tensors (see :mod:`revsgd.params`) and ``build(seed) -> MetaSpec``, which reads them and
+You provide the free tensors (see :mod:`revsgd.meta.params`) and ``build(seed) -> MetaSpec``, which reads them and
 returns the losses, params0, lr, momentum and hypers of one training run whose minibatches are drawn from
 ``seed`` (a fresh seed per meta-iteration). Each meta-iteration computes the exact hypergradient, carries it back
 to the free tensors with torch autograd, takes one optimiser step (Adam by default), appends a record and writes
@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .unroll import hypergrad
+from ..frontend.functional import hypergrad
 
 CHECKPOINT_VERSION = 1
 

@@ -15,9 +15,9 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 
-from .engine import ENGINE_METHODS, METHODS, REVERSAL_HINT, ReversalError, Unroll
-from .fixed import GAMMA_ONE, quantize_momentum
-from .kernels import warm_up
+from ..engine import ENGINE_METHODS, METHODS, REVERSAL_HINT, ReversalError, Unroll
+from ..core.fixed import GAMMA_ONE, quantize_momentum
+from ..kernels import warm_up
 
 TensorDict = Mapping[str, torch.Tensor]
 TrainLoss = Callable[[dict, dict, int], torch.Tensor]

@@ -6,11 +6,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import kernels
-from .engine import ReversalError
-from .tape import ExactMomentum, Tape
-from .tapeformat import CHUNK
-from .unroll import hypergrad
+from .. import kernels
+from ..engine import ReversalError
+from ..core.tape import ExactMomentum, Tape
+from ..core.tapeformat import CHUNK
+from ..frontend.functional import hypergrad
 
 
 def _momentum_run(backend: str, threads: int, L: int, T: int, seed: int = 0):

@@ -1,0 +1,1 @@
+"""Benchmarks: kernel throughput and hypergradient methods (time, memory, agreement)."""
