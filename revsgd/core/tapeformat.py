@@ -1,130 +1,210 @@
-"""The lost-bits tape: storage, invariants and the canonical byte format (DESIGN.md §3).
+"""The lost-bits tape: storage, invariants and the canonical byte format (docs/design.md §3).
 
-This module knows nothing about kernels or backends; it owns the state they operate on:
+A tape keeps the bits that exact right shifts of int64 lanes destroy, so that each shift can be undone bit for bit.
+Lanes are cut into *groups* — contiguous lane ranges ``offsets[g] <= i < offsets[g+1]`` — and every shift moves the
+same number of bits ``h`` (0..16) out of every lane of a group (a group shares one decay schedule). Hence every lane
+of a group holds the same number of pending bits, and the storage is:
 
-- ``heads``: uint32 per lane, always in ``[2^16, 2^32)``; every lane starts at ``2^16``.
-- one LIFO stream of uint16 words per *chunk* of ``CHUNK`` consecutive lanes. Within a chunk a forward step emits
-  in ascending lane order and a reverse step refills in descending lane order, so the stream contents depend only
-  on the history, never on the backend or the thread count.
-- ``depth``: how many scale steps are outstanding (scales minus unscales).
+- ``heads``: one uint16 per lane with the lane's ``pending[g]`` most recent bits (0 <= pending < 16), newest lowest;
+  bits above ``pending[g]`` are zero.
+- ``words``: ONE LIFO stack of uint16. When a push brings a group's pending count to 16 or more, the 16 oldest pending
+  bits of every lane of the group go onto the stack as a *row*: one word per lane, ascending lanes. Within one push
+  operation the rows of the groups that emit are appended in ascending group order (and popped in the mirror order).
+- ``rows[g]``: rows of group g on the stack; ``depth``: shift operations not yet undone.
 
-Stored information = 16·words + Σ log2(head / 2^16) bits. Streams are separate uint16 arrays that grow (and shrink)
-by a few percent at a time, so allocated bytes stay within ~3 % of the words held plus a small per-chunk minimum.
+push(h) on a lane with head x and p pending bits, new bits b < 2^h (the lane's low h bits, before the shift)::
 
-Byte format (little endian), version 1::
+    c = (x << h) | b;  p += h
+    if p >= 16:  emit c >> (p - 16);  c &= 2^(p-16) - 1;  p -= 16
+    x = c
 
-    magic  b"RSGDTAPE" | u16 version | u16 reserved=0 | u32 chunk | u64 num_lanes | u64 depth
-    u32 × num_lanes heads
-    u64 × num_chunks word counts
-    u16 × Σ counts words, chunk by chunk, bottom of each stream first
+pop(h) is its exact mirror: if p < h, pop the lane's word w: c = (w << p) | x, p += 16; then b = c & (2^h - 1),
+x = c >> h, p -= h. Because p only depends on the sequence of h's, the layout of the stack never depends on the
+data, the backend or the thread count, and ``at_start()`` after all pops is structural; data integrity is checked
+by the caller (the reversed state must equal the start state).
+
+Stored information: exactly ``Σ_g (16·rows[g] + pending[g])·lanes_g`` bits — the sum of all shifts.
+
+Byte format (little endian), version 2::
+
+    magic  b"RSGDTAPE" | u16 version=2 | u16 reserved=0 | u64 num_lanes | u64 num_groups | u64 depth | u64 num_words
+    u64 × (num_groups + 1) offsets
+    u8  × num_groups pending
+    u64 × num_groups rows
+    u16 × num_lanes heads
+    u16 × num_words words, bottom of the stack first
     u32 CRC-32 of everything before it
+
+Version 1 (revsgd 0.1's rANS coder with quantised momentum) is refused with a clear error: its heads and streams
+mean something else.
 """
 from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-CHUNK = 1 << 14            # lanes per chunk: a format constant, independent of the thread count
-HEAD_START = 1 << 16       # head value of an untouched lane
-MIN_STREAM_WORDS = 256     # smallest non-empty stream allocation
 MAGIC = b"RSGDTAPE"
-VERSION = 1
-_HEADER = struct.Struct("<8sHHIQQ")
+VERSION = 2
+WORD_BITS = 16
+MIN_WORDS = 1024          # smallest non-empty stack allocation
+_HEADER = struct.Struct("<8sHHQQQQ")
+_U64_MAX = 2**64 - 1
+_I63 = 2**63
 
 
 class TapeFormatError(ValueError):
-    """Serialized tape bytes are corrupt, truncated or of an unknown version."""
+    """Serialized tape bytes are corrupt, truncated, inconsistent or of an unknown version."""
 
 
-def num_chunks(num_lanes: int) -> int:
-    return (num_lanes + CHUNK - 1) // CHUNK
+class HostArrays:
+    """Array operations of a storage: NumPy (host memory). A device backend supplies its own (same methods)."""
+    name = "numpy"
+
+    @staticmethod
+    def zeros_u16(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.uint16)
+
+    @staticmethod
+    def grow(buf: np.ndarray, cap: int) -> np.ndarray:
+        """Same contents, capacity ``cap`` (realloc in place: large blocks move by remapping, not copying)."""
+        if not buf.flags.owndata:
+            buf = buf.copy()
+        buf.resize(cap, refcheck=False)
+        return buf
+
+    @staticmethod
+    def to_numpy_u16(a, n: Optional[int] = None) -> np.ndarray:
+        return np.asarray(a[:n] if n is not None else a).view(np.uint16)
+
+    @staticmethod
+    def from_numpy_u16(a: np.ndarray):
+        return np.array(a, dtype=np.uint16)
+
+
+def release_free_memory() -> None:
+    """Ask glibc to return freed heap pages to the OS (a shrunk tape otherwise keeps its peak RSS). No-op elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class TapeStorage:
-    """Heads, per-chunk word streams and the outstanding-step count of one tape."""
+    """Heads, the word stack and the group table of one tape (see the module docstring for the invariants)."""
 
-    def __init__(self, num_lanes: int):
+    def __init__(self, num_lanes: int, offsets: Optional[Sequence[int]] = None, arrays: Any = HostArrays):
         if isinstance(num_lanes, bool) or not isinstance(num_lanes, (int, np.integer)):
             raise TypeError(f"num_lanes must be an int, got {type(num_lanes).__name__}")
         if num_lanes < 1:
             raise ValueError(f"num_lanes must be at least 1, got {num_lanes}")
         self.num_lanes = int(num_lanes)
-        nc = num_chunks(self.num_lanes)
-        self.heads = np.full(self.num_lanes, HEAD_START, dtype=np.uint32)
-        self.streams: list[np.ndarray] = [np.zeros(0, dtype=np.uint16) for _ in range(nc)]
-        self.lens = np.zeros(nc, dtype=np.int64)
+        self.offsets = check_offsets(offsets, self.num_lanes)
+        self.sizes = np.diff(self.offsets)
+        G = self.sizes.shape[0]
+        self.xp = arrays
+        self.heads = arrays.zeros_u16(self.num_lanes)
+        self.words = arrays.zeros_u16(0)
+        self.num_words = 0
+        self.pending = np.zeros(G, dtype=np.int64)
+        self.rows = np.zeros(G, dtype=np.int64)
         self.depth = 0
-        starts = np.arange(nc, dtype=np.int64) * CHUNK
-        self.chunk_begin = starts
-        self.chunk_end = np.minimum(starts + CHUNK, self.num_lanes)
-        # capacities and buffer addresses of the streams, for compiled kernels; kept in step by _set_stream
-        self.caps = np.zeros(nc, dtype=np.int64)
-        self.ptrs = np.zeros(nc, dtype=np.uint64)
-        for c in range(nc):
-            self._set_stream(c, self.streams[c])
 
-    # --- capacity management -------------------------------------------------------------------------------
-    def _set_stream(self, c: int, buf: np.ndarray) -> None:
-        self.streams[c] = buf
-        self.caps[c] = buf.shape[0]
-        self.ptrs[c] = buf.ctypes.data
+    @property
+    def num_groups(self) -> int:
+        return int(self.sizes.shape[0])
 
-    def _resize(self, c: int, cap: int) -> None:
-        # realloc in place (large blocks move by remapping, not copying); streams are never exposed as views
-        # that outlive a call, so no reference can dangle
-        buf = self.streams[c]
-        if not buf.flags.owndata:
-            buf = buf.copy()
-        buf.resize(cap, refcheck=False)
-        self._set_stream(c, buf)
-
-    def reserve(self, c: int, extra: int) -> None:
-        """Make room for ``extra`` more words in stream ``c`` (growth by ~3 % at a time, at least 256 words)."""
-        need = int(self.lens[c]) + extra
-        cap = self.streams[c].shape[0]
-        if need <= cap:
-            return
-        self._resize(c, max(need, cap + max(MIN_STREAM_WORDS, cap >> 5)))
+    # --- the stack -----------------------------------------------------------------------------------------
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more words (growth by ~3 % at a time, at least MIN_WORDS)."""
+        need = self.num_words + extra
+        cap = int(self.words.shape[0])
+        if need > cap:
+            self.words = self.xp.grow(self.words, max(need, cap + max(MIN_WORDS, cap >> 5)))
 
     def trim(self) -> None:
-        """Give back memory of streams that shrank to under ~94 % of their allocation."""
-        target = np.where(self.lens == 0, 0, self.lens + np.maximum(MIN_STREAM_WORDS, self.lens >> 5))
-        for c in np.flatnonzero(self.caps - target > np.maximum(MIN_STREAM_WORDS, self.caps >> 4)):
-            self._resize(int(c), int(target[c]))
+        """Give back stack memory once the stack shrank below ~94 % of its allocation."""
+        cap = int(self.words.shape[0])
+        target = 0 if self.num_words == 0 else self.num_words + max(MIN_WORDS, self.num_words >> 5)
+        if cap - target > max(MIN_WORDS, cap >> 4):
+            self.words = self.xp.grow(self.words, target)
+            if self.xp is HostArrays:
+                release_free_memory()
+
+    def plan(self, h: np.ndarray, push: bool) -> np.ndarray:
+        """Stack offset of each group's row for a push (or pop) of ``h`` bits per group (int64, G); -1 where the
+        group emits (pops) no row. A push reserves the room first. Rows of one operation lie in ascending group
+        order; a pop takes them from the top of the stack."""
+        p = self.pending
+        moves = (p + h >= WORD_BITS) if push else ((h > 0) & (p < h))
+        sizes = np.where(moves, self.sizes, 0)
+        n = int(sizes.sum())
+        if push:
+            if n:
+                self.reserve(n)
+            start = self.num_words
+        else:
+            if n > self.num_words:
+                raise AssertionError("tape stack holds fewer words than the pops need")  # structural: see at_start
+            start = self.num_words - n
+        return np.where(moves, start + np.cumsum(sizes) - sizes, -1)
+
+    def commit(self, h: np.ndarray, push: bool) -> None:
+        """Update the counters after every lane's push (pop) of ``h`` bits per group succeeded."""
+        p = self.pending
+        if push:
+            moves = p + h >= WORD_BITS
+            self.pending = np.where(moves, p + h - WORD_BITS, p + h)
+            self.rows = self.rows + moves
+            self.num_words += int(np.where(moves, self.sizes, 0).sum())
+            self.depth += 1
+        else:
+            moves = (h > 0) & (p < h)
+            self.pending = np.where(moves, p + WORD_BITS - h, p - h)
+            self.rows = self.rows - moves
+            self.num_words -= int(np.where(moves, self.sizes, 0).sum())
+            self.depth -= 1
+
+    def can_pop(self, h: np.ndarray) -> Optional[int]:
+        """The first group that cannot give back ``h`` bits (more pops than pushes), or None."""
+        bits = WORD_BITS * self.rows + self.pending
+        bad = np.flatnonzero(bits < h)
+        return int(bad[0]) if bad.size else None
 
     # --- measurements --------------------------------------------------------------------------------------
     @property
-    def num_words(self) -> int:
-        return int(self.lens.sum())
-
-    @property
-    def info_bits(self) -> float:
-        """16·words + Σ log2(head / 2^16): the information the tape holds, in bits."""
-        return 16.0 * self.num_words + float(np.sum(np.log2(self.heads.astype(np.float64)) - 16.0))
+    def info_bits(self) -> int:
+        """Bits held: Σ_g (16·rows[g] + pending[g])·lanes_g — exactly the sum of all shifts not undone."""
+        return int(np.sum((WORD_BITS * self.rows + self.pending) * self.sizes))
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually allocated for heads, streams and bookkeeping."""
-        return int(self.heads.nbytes + 2 * self.caps.sum() + self.lens.nbytes + self.caps.nbytes
-                   + self.ptrs.nbytes + self.chunk_begin.nbytes + self.chunk_end.nbytes)
+        """Bytes allocated for heads, the word stack and the group table."""
+        return int(2 * self.num_lanes + 2 * self.words.shape[0] + 8 * (4 * self.num_groups + 1))
 
     def at_start(self) -> bool:
-        return self.depth == 0 and self.num_words == 0 and bool(np.all(self.heads == HEAD_START))
-
-    def stream(self, c: int) -> np.ndarray:
-        """The words of chunk ``c``'s stream, bottom first (a view, valid until the stream next grows)."""
-        return self.streams[c][: int(self.lens[c])]
+        return (self.depth == 0 and self.num_words == 0 and not self.pending.any()
+                and not self.xp.to_numpy_u16(self.heads).any())
 
     # --- serialization -------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        """Canonical bytes; refuses (TapeFormatError) a state that :meth:`from_bytes` would refuse."""
+        heads = self.xp.to_numpy_u16(self.heads)
+        words = self.xp.to_numpy_u16(self.words, self.num_words)
+        _validate(self.num_lanes, self.offsets, self.pending, self.rows, self.depth, self.num_words, heads,
+                  "this tape cannot be serialised")
         parts = [
-            _HEADER.pack(MAGIC, VERSION, 0, CHUNK, self.num_lanes, self.depth),
-            self.heads.astype("<u4", copy=False).tobytes(),
-            self.lens.astype("<u8").tobytes(),
+            _HEADER.pack(MAGIC, VERSION, 0, self.num_lanes, self.num_groups, self.depth, self.num_words),
+            self.offsets.astype("<u8").tobytes(),
+            self.pending.astype("u1").tobytes(),
+            self.rows.astype("<u8").tobytes(),
+            heads.astype("<u2", copy=False).tobytes(),
+            words.astype("<u2", copy=False).tobytes(),
         ]
-        parts += [self.stream(c).astype("<u2", copy=False).tobytes() for c in range(len(self.streams))]
         crc = 0
         for p in parts:
             crc = zlib.crc32(p, crc)
@@ -132,44 +212,84 @@ class TapeStorage:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TapeStorage":
-        mv = memoryview(bytes(data) if not isinstance(data, (bytes, bytearray, memoryview)) else data).cast("B")
-        if len(mv) < _HEADER.size + 4:
-            raise TapeFormatError(f"tape bytes truncated: {len(mv)} bytes is shorter than the header")
-        magic, version, _, chunk, num_lanes, depth = _HEADER.unpack_from(mv, 0)
+    def from_bytes(cls, data, arrays: Any = HostArrays) -> "TapeStorage":
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"tape bytes must be bytes, bytearray or memoryview, got {type(data).__name__}")
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if n < _HEADER.size + 4:
+            raise TapeFormatError(f"tape bytes truncated: {n} bytes is shorter than the header")
+        magic, version, reserved, L, G, depth, nwords = _HEADER.unpack_from(mv, 0)
         if magic != MAGIC:
             raise TapeFormatError("not a revsgd tape (bad magic)")
+        if version == 1:
+            raise TapeFormatError("tape format version 1 (revsgd 0.1: rANS coder with momentum quantised to "
+                                  "n/65536) cannot be read by this version; rerun the forward pass")
         if version != VERSION:
             raise TapeFormatError(f"unsupported tape format version {version} (this build reads {VERSION})")
-        if chunk != CHUNK:
-            raise TapeFormatError(f"tape chunk size {chunk} differs from the format constant {CHUNK}")
-        if num_lanes < 1:
-            raise TapeFormatError("tape has no lanes")
-        nc = num_chunks(num_lanes)
+        if reserved != 0:
+            raise TapeFormatError(f"reserved header field is {reserved}, must be 0")
+        if L < 1 or G < 1 or G > L:
+            raise TapeFormatError(f"tape has {L} lanes and {G} groups (need 1 <= groups <= lanes)")
+        # every length below is a Python int: no wraparound; nothing is allocated before the total checks out
         off = _HEADER.size
-        fixed_end = off + 4 * num_lanes + 8 * nc
-        if len(mv) < fixed_end + 4:
-            raise TapeFormatError(f"tape bytes truncated: {len(mv)} bytes, need at least {fixed_end + 4}")
-        lens = np.frombuffer(mv, dtype="<u8", count=nc, offset=off + 4 * num_lanes).astype(np.int64)
-        total = fixed_end + 2 * int(lens.sum()) + 4
-        if np.any(lens < 0) or len(mv) != total:
-            raise TapeFormatError(f"tape bytes have length {len(mv)}, the header implies {total}")
+        total = off + 8 * (G + 1) + G + 8 * G + 2 * L + 2 * nwords + 4
+        if n != total:
+            raise TapeFormatError(f"tape bytes have length {n}, the header implies {total}")
         (crc,) = struct.unpack_from("<I", mv, total - 4)
         if zlib.crc32(mv[: total - 4]) != crc:
             raise TapeFormatError("tape checksum mismatch: the bytes are corrupt")
-        heads = np.frombuffer(mv, dtype="<u4", count=num_lanes, offset=off).astype(np.uint32)
-        if np.any(heads < HEAD_START):
-            raise TapeFormatError("tape head below 2^16: the bytes are corrupt")
-        if depth == 0 and (lens.any() or np.any(heads != HEAD_START)):
-            raise TapeFormatError("tape holds bits but no outstanding steps: the bytes are inconsistent")
-        st = cls(int(num_lanes))
-        st.heads[:] = heads
-        st.depth = int(depth)
-        pos = fixed_end
-        for c in range(nc):
-            k = int(lens[c])
-            if k:
-                st._set_stream(c, np.frombuffer(mv, dtype="<u2", count=k, offset=pos).astype(np.uint16))
-            pos += 2 * k
-        st.lens[:] = lens
+        offsets_u = np.frombuffer(mv, dtype="<u8", count=G + 1, offset=off)
+        off += 8 * (G + 1)
+        pending = np.frombuffer(mv, dtype="u1", count=G, offset=off).astype(np.int64)
+        off += G
+        rows_u = np.frombuffer(mv, dtype="<u8", count=G, offset=off)
+        off += 8 * G
+        heads = np.frombuffer(mv, dtype="<u2", count=L, offset=off)
+        off += 2 * L
+        words = np.frombuffer(mv, dtype="<u2", count=nwords, offset=off)
+        if offsets_u[-1] != L or np.any(offsets_u[1:] <= offsets_u[:-1]) or offsets_u[0] != 0:
+            raise TapeFormatError("group offsets must increase strictly from 0 to num_lanes")
+        if np.any(rows_u >= _I63):
+            raise TapeFormatError("a group's row count exceeds 2^63")
+        offsets, rows = offsets_u.astype(np.int64), rows_u.astype(np.int64)
+        _validate(L, offsets, pending, rows, depth, nwords, heads, "the bytes are inconsistent", TapeFormatError)
+        st = cls(int(L), offsets, arrays)
+        st.heads = arrays.from_numpy_u16(heads)
+        st.words = arrays.from_numpy_u16(words)
+        st.num_words, st.pending, st.rows, st.depth = int(nwords), pending, rows, int(depth)
         return st
+
+
+def check_offsets(offsets, num_lanes: int) -> np.ndarray:
+    """Group offsets as int64 (G+1,), strictly increasing from 0 to num_lanes; None means one group."""
+    if offsets is None:
+        return np.array([0, num_lanes], dtype=np.int64)
+    o = np.asarray(offsets)
+    if o.ndim != 1 or o.shape[0] < 2 or o.dtype.kind not in "iu":
+        raise ValueError(f"group offsets must be a 1-D integer array of at least 2 entries, got {o!r}")
+    o = o.astype(np.int64)
+    if o[0] != 0 or o[-1] != num_lanes or np.any(np.diff(o) <= 0):
+        raise ValueError(f"group offsets must increase strictly from 0 to num_lanes={num_lanes}")
+    return o
+
+
+def _validate(L: int, offsets: np.ndarray, pending: np.ndarray, rows: np.ndarray, depth: int, nwords: int,
+              heads: np.ndarray, what: str, exc: type = TapeFormatError) -> None:
+    """The invariants every stored tape satisfies (shared by to_bytes and from_bytes)."""
+    sizes = np.diff(offsets)
+    if not 0 <= depth < _I63:
+        raise exc(f"{what}: depth {depth} outside [0, 2^63)")
+    if np.any(pending < 0) or np.any(pending >= WORD_BITS):
+        raise exc(f"{what}: pending bit counts must lie in [0, 16)")
+    if np.any(rows < 0):
+        raise exc(f"{what}: negative row count")
+    if int(np.dot(rows.astype(object), sizes.astype(object))) != nwords:
+        raise exc(f"{what}: the word count {nwords} differs from Σ rows·lanes")
+    # at most 16 bits per lane per outstanding shift
+    if np.any(WORD_BITS * rows.astype(object) + pending > WORD_BITS * depth):
+        raise exc(f"{what}: more bits held than {depth} outstanding shifts can have pushed "
+                  f"(were the unshifts not the mirror of the shifts?)")
+    lim = np.repeat((1 << pending).astype(np.int64), sizes)
+    if np.any(heads.astype(np.int64) >= lim):
+        raise exc(f"{what}: a head holds bits above its group's pending count")

@@ -1,143 +1,183 @@
-"""Kernel backends and the driver that runs them safely.
+"""Kernel backends and the driver that runs them.
 
-A backend module has ``name``, ``forward`` and ``reverse`` with the signature and per-lane semantics of
-:mod:`revsgd.kernels.reference`, plus optionally ``set_num_threads``. Compiled backends may stop a chunk early
-(status ``FULL`` or an error code); the driver grows streams and resumes, or undoes the finished lanes with the
-exact inverse kernel and raises, so a failed call leaves every array and the tape exactly as they were.
+Backends: ``cpp`` (C++/OpenMP, built with the package), ``numba``, ``numpy`` (the readable reference:
+:mod:`revsgd.kernels.vectorized` on NumPy arrays) and ``torch`` (the same vectorized spec on torch tensors, on any
+device). All produce the same states and tapes bit for bit, for every thread count.
+
+A backend module has ``name``, ``available``, ``arrays`` (the array operations its tape storage uses) and the ops
+``shift``, ``momentum`` and ``adam`` with the semantics of :mod:`revsgd.kernels.vectorized`: on failure they raise
+:class:`~revsgd.kernels.vectorized.KernelError` and leave every array and tape exactly as they were. The driver
+checks what can be checked up front and turns a KernelError into the exception a user expects, naming the state.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ..core.fixed import NonFiniteError, fixed_range
 from ..core.tapeformat import TapeStorage
-from . import codes, reference
+from . import codes
+from .vectorized import AdamParams, KernelError, MomentumParams
 
+__all__ = ["BACKENDS", "TapeExhaustedError", "get_backend", "set_num_threads", "get_num_threads", "MAX_THREADS",
+           "shift", "momentum", "adam", "MomentumParams", "AdamParams", "TRIM_EVERY"]
 
-TRIM_EVERY = 32  # reverse steps between checks for stream memory to give back (and always at the start)
+TRIM_EVERY = 32  # reverse shifts between checks for tape memory to give back
+#: Upper bound for thread counts (kernels and torch): more threads than this only oversubscribe, and very large
+#: values crash OpenMP runtimes.
+MAX_THREADS = 4 * max(1, os.cpu_count() or 1)
 
 
 class TapeExhaustedError(RuntimeError):
-    """A reverse step needed bits the tape does not hold."""
+    """A reverse step needed bits the tape does not hold (more unshifts than shifts)."""
 
 
 def _installed(name: str) -> bool:
-    spec = {"cpp": "revsgd._cpp", "numba": "numba"}[name]
+    spec = {"cpp": "revsgd._cpp", "numba": "numba", "torch": "torch"}[name]
     try:
         return importlib.util.find_spec(spec) is not None
     except (ImportError, ValueError):
         return False
 
 
-# Compiled backends load on first use (importing numba costs time and memory a cpp user need not pay).
-_MODULES: dict[str, Optional[ModuleType]] = {name: None for name in ("cpp", "numba") if _installed(name)}
-_MODULES["numpy"] = reference
-_threads: Optional[int] = None
+# Backends load on first use (importing numba costs time and memory a cpp user need not pay).
+_MODULES: dict[str, Optional[ModuleType]] = {n: None for n in ("cpp", "numba") if _installed(n)}
+_MODULES["numpy"] = None
+if _installed("torch"):
+    _MODULES["torch"] = None
+_threads: int = 1
 
-#: Backends available in this install, fastest first.
+#: Backends available in this install; the first is the default on CPU.
 BACKENDS: tuple[str, ...] = tuple(_MODULES)
+KNOWN = ("cpp", "numba", "numpy", "torch")
 
 
 def get_backend(backend: Optional[str]) -> ModuleType:
     name = BACKENDS[0] if backend is None else backend
-    if name not in _MODULES:
-        if name in ("cpp", "numba", "numpy"):
+    if not isinstance(name, str) or name not in _MODULES:
+        if name in KNOWN:
             raise ValueError(f"backend {name!r} is not available in this install; available: {BACKENDS}")
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     m = _MODULES[name]
     if m is None:
-        m = importlib.import_module(f"revsgd.kernels.{name}_backend")
+        mod = {"numpy": "reference"}.get(name, f"{name}_backend")
+        m = importlib.import_module(f"revsgd.kernels.{mod}")
         if not getattr(m, "available", False):
             raise ImportError(f"backend {name!r} is installed but failed to load")
-        if _threads is not None and hasattr(m, "set_num_threads"):
+        if hasattr(m, "set_num_threads"):
             m.set_num_threads(_threads)
         _MODULES[name] = m
     return m
 
 
+def check_threads(k, what: str = "number of threads") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_THREADS:
+        raise ValueError(f"{what} must be an int in [1, {MAX_THREADS}] (4 × the {os.cpu_count()} cores here), "
+                         f"got {k!r}")
+    return int(k)
+
+
 def set_num_threads(k: int) -> None:
-    """Threads used by the compiled kernels (results never depend on it: chunks are a format constant)."""
+    """Threads used by the compiled kernels (default 1; results never depend on it)."""
     global _threads
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"number of threads must be a positive int, got {k!r}")
-    _threads = int(k)
+    _threads = check_threads(k)
     for m in _MODULES.values():
         f = getattr(m, "set_num_threads", None)
         if f is not None:
             f(_threads)
 
 
+def get_num_threads() -> int:
+    return _threads
+
+
 def warm_up(backend: Optional[str] = None) -> None:
-    """Load ``backend`` (default: the fastest) and start its thread pool now. Numba's OpenMP layer resets the
-    process-wide OpenMP thread count on its first parallel launch; callers that pin a thread count (e.g. for
-    torch) warm up first."""
+    """Load ``backend`` (default: the first) and run each op once (JIT compilation, thread pool start-up).
+    Numba's OpenMP layer resets the process-wide OpenMP thread count on its first parallel launch; callers that pin
+    a thread count (e.g. for torch) warm up first."""
     m = get_backend(backend)
-    st = TapeStorage(1)
-    X = np.zeros(1, dtype=np.int64)
-    one = np.ones(1, dtype=np.int64)
-    run(m, st, True, X, None, None, None, one, True, 0)
-    run(m, st, False, X, None, None, None, one, True, 0)
+    if m.name == "torch":
+        return
+    st = TapeStorage(2, [0, 1, 2], m.arrays)
+    X = np.array([5, -3], dtype=np.int64)
+    h = np.array([3, 0], dtype=np.int64)
+    shift(m, st, X, h, True)
+    shift(m, st, X, h, False)
 
 
-def _raise(code: int, lane: int, vname: str, wname: str, frac_bits: int) -> None:
-    lo, hi = fixed_range(frac_bits)
-    rng = f"[{lo:g}, {hi:g}) at frac_bits={frac_bits}"
-    msg = {
-        codes.GRAD_NONFINITE: (NonFiniteError, f"gradient holds NaN or inf at lane {lane}"),
-        codes.VEL_FIX_OVERFLOW: (OverflowError, f"(1 - momentum) * gradient at lane {lane} leaves the "
-                                                f"fixed-point range {rng}"),
-        codes.VEL_OVERFLOW: (OverflowError, f"{vname} at lane {lane} leaves the fixed-point range {rng}"),
-        codes.POS_FIX_OVERFLOW: (OverflowError, f"lr * {vname} at lane {lane} leaves the fixed-point range {rng}"),
-        codes.POS_OVERFLOW: (OverflowError, f"{wname} at lane {lane} leaves the fixed-point range {rng}"),
-        codes.TAPE_EMPTY: (TapeExhaustedError, f"reversing lane {lane} needs bits the tape does not hold: more "
-                                              f"unscales than scales, or {vname} differs from what the forward "
-                                              f"pass left"),
-        codes.UNSCALE_OVERFLOW: (OverflowError, f"unscaling {vname} at lane {lane} leaves int64: {vname} differs "
-                                               f"from what the forward pass left"),
-    }[code]
-    raise msg[0](msg[1] + "; nothing was changed")
+def _message(e: KernelError, names: Sequence[str], frac_bits: Sequence[int]) -> Exception:
+    name = names[e.state] if e.state < len(names) else f"state {e.state}"
+    lo, hi = fixed_range(frac_bits[e.state] if e.state < len(frac_bits) else frac_bits[0])
+    rng = f"[{lo:g}, {hi:g})"
+    lane = e.lane
+    if e.base == codes.GRAD_NONFINITE:
+        return NonFiniteError(f"gradient holds NaN or inf at lane {lane}; nothing was changed")
+    if e.base == codes.TERM_OVERFLOW:
+        return OverflowError(f"the update of {name} at lane {lane} leaves the fixed-point range {rng}; nothing "
+                             f"was changed (use fewer fractional bits for {name}, or a smaller step)")
+    if e.base == codes.ADD_OVERFLOW:
+        return OverflowError(f"{name} at lane {lane} leaves the fixed-point range {rng}; nothing was changed")
+    if e.base == codes.UNSHIFT_OVERFLOW:
+        return OverflowError(f"undoing the decay of {name} at lane {lane} leaves int64: {name} differs from what "
+                             f"the forward pass left; nothing was changed")
+    return RuntimeError(f"kernel failed with code {e.base} at lane {lane}")
 
 
-def _first_error(status, begin, end, forward: bool):
-    bad = np.flatnonzero(status > codes.FULL)
-    if bad.size == 0:
-        return None
-    c = int(bad[0])
-    return int(status[c]), int(begin[c] if forward else end[c] - 1)
+def _check_pops(tapes, hs, names) -> None:
+    for st, h, name in zip(tapes, hs, names):
+        if st is None or h is None:
+            continue
+        if st.depth == 0 or st.can_pop(h) is not None:
+            raise TapeExhaustedError(f"cannot undo a decay of {name}: its tape holds fewer bits than the undo needs "
+                                     f"(more reverse steps than forward steps, or a different schedule); nothing "
+                                     f"was changed")
 
 
-def run(be: ModuleType, st: TapeStorage, forward: bool, V: np.ndarray, W: Optional[np.ndarray],
-        G: Optional[np.ndarray], alpha: Optional[np.ndarray], n: np.ndarray, do_scale: bool, frac_bits: int,
-        vname: str = "X", wname: str = "params") -> None:
-    """Apply one forward or reverse kernel to every lane; all or nothing."""
-    begin0, end0 = st.chunk_begin.copy(), st.chunk_end.copy()
-    begin, end = begin0.copy(), end0.copy()
-    status = np.zeros(begin.shape[0], dtype=np.int8)
-    if not forward and do_scale and st.depth == 0:
-        raise TapeExhaustedError(f"cannot unscale {vname}: the tape is at its start (more unscales than scales)")
-    while True:
-        status[:] = codes.OK
-        (be.forward if forward else be.reverse)(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status)
-        err = _first_error(status, begin, end, forward)
-        if err is not None:
-            undo = np.zeros_like(status)
-            if forward:   # lanes [begin0, begin) are done: reverse them
-                be.reverse(st, V, W, G, alpha, n, do_scale, frac_bits, begin0.copy(), begin.copy(), undo)
-            else:         # lanes [end, end0) are done: replay them forward (their words still have room)
-                be.forward(st, V, W, G, alpha, n, do_scale, frac_bits, end.copy(), end0.copy(), undo)
-            assert not undo.any(), "undo of completed lanes failed"
-            _raise(*err, vname, wname, frac_bits)
-        full = np.flatnonzero(status == codes.FULL)
-        if full.size == 0:
-            break
-        for c in full:
-            st.reserve(int(c), 1)
-    if do_scale:
-        st.depth += 1 if forward else -1
-        if not forward and st.depth % TRIM_EVERY == 0:
-            st.trim()
+def _after(tapes, forward: bool) -> None:
+    if not forward:
+        for st in tapes:
+            if st is not None and st.depth % TRIM_EVERY == 0:
+                st.trim()
+
+
+def shift(be: ModuleType, st: TapeStorage, X, h: np.ndarray, forward: bool, name: str = "X",
+          frac_bits: int = 0) -> None:
+    """X >>= h per group keeping the bits (forward), or the exact inverse; all or nothing."""
+    if not forward:
+        _check_pops([st], [h], [name])
+    try:
+        be.shift(st, X, h, forward)
+    except KernelError as e:
+        raise _message(e, [name], [frac_bits]) from None
+    _after([st], forward)
+
+
+def momentum(be: ModuleType, st: TapeStorage, V, W, G, P, prm: MomentumParams, *, forward: bool, state: bool,
+             position: bool, names: Sequence[str] = ("velocity", "params")) -> None:
+    """One momentum op on every lane (see :mod:`revsgd.kernels.vectorized`); all or nothing."""
+    if not forward and state:
+        _check_pops([st], [prm.h], names[:1])
+    try:
+        be.momentum(st, V, W, G, P, prm, forward, state, position)
+    except KernelError as e:
+        raise _message(e, names, (prm.frac_v, prm.frac_w)) from None
+    if state:
+        _after([st], forward)
+
+
+def adam(be: ModuleType, tapes: tuple, M, S, W, G, P, prm: AdamParams, *, forward: bool, state: bool,
+         position: bool, names: Sequence[str] = ("exp_avg", "exp_avg_sq", "params")) -> None:
+    """One Adam op on every lane (see :mod:`revsgd.kernels.vectorized`); all or nothing."""
+    if not forward:
+        hs = [prm.h1 if state else None, prm.h2 if state else None, prm.hw if position else None]
+        _check_pops(tapes, hs, names)
+    try:
+        be.adam(tapes, M, S, W, G, P, prm, forward, state, position)
+    except KernelError as e:
+        raise _message(e, names, (prm.frac_m, prm.frac_s, prm.frac_w)) from None
+    _after(([tapes[0], tapes[1]] if state else []) + ([tapes[2]] if position else []), forward)
