@@ -1,18 +1,30 @@
-// revsgd._cpp: fused exact momentum / lost-bits tape kernels (the semantics of revsgd/kernels/reference.py).
+// revsgd._cpp: the ops of revsgd/kernels/vectorized.py (the specification) as fused per-lane loops.
 //
-// Invariants (DESIGN.md §3):
-//   head x ∈ [2^16, 2^32) per lane; one LIFO uint16 stream per chunk of CHUNK lanes.
-//   forward (ascending lanes):  V = exact_scale(V, n); V -= fix((1-n/2^16)·G); W += fix(α·flt(V))
-//   reverse (descending lanes): W -= fix(α·flt(V)); V += fix((1-n/2^16)·G); V = exact_unscale(V, n)
-// A chunk stops at the first lane it cannot finish (that lane untouched), writes its progress to begin/end and
-// a status code; the Python driver resumes (FULL) or undoes finished lanes with the inverse kernel (errors).
-// Built with -ffp-contract=off and no -march: every product is one IEEE rounding, as in NumPy.
+// Lanes go in chunks of CHUNK lanes, chunks in parallel (OpenMP), lanes inside a chunk ascending. A chunk walks its
+// lanes segment by segment (segment = chunk ∩ group) and loads the group's parameters once per segment. Every lane
+// computes exactly the expressions of the specification, in its order, one IEEE rounding per operation (built
+// with -ffp-contract=off, no -ffast-math), and its first error code in op order.
+//
+// Tape: Python plans the op (TapeStorage.plan: per group the stack offset of the group's row, -1 for none; a push
+// reserves room first, so the word buffer does not move) and commits the counters after success. A lane's row
+// word sits at row + (lane − first lane of its group). Forward = push, reverse = pop (the formulas of
+// tapeformat.py); a group with h = 0 does no tape work at all.
+//
+// Errors: a chunk stops at its first failing lane (that lane untouched) and records how far it got and the code.
+// If any chunk failed, the inverse op (same parameters, same rows, the pending counts the op would have left)
+// undoes the finished lanes of every chunk; the call then returns (code, lowest failing lane) and everything —
+// states, P excepted, heads, words below num_words — is as before. Nothing was committed, so Python just raises.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -21,266 +33,592 @@ namespace py = pybind11;
 
 namespace {
 
-enum Code : int8_t {
-    OK = 0, FULL = 1, GRAD_NONFINITE = 2, VEL_FIX_OVERFLOW = 3, VEL_OVERFLOW = 4,
-    POS_FIX_OVERFLOW = 5, POS_OVERFLOW = 6, TAPE_EMPTY = 7, UNSCALE_OVERFLOW = 8
-};
-
+constexpr int64_t CHUNK = 16384;
 constexpr double TWO63 = 9223372036854775808.0;
-constexpr int64_t TWO47 = int64_t(1) << 47;
 
-inline bool in_int64(double y) { return y >= -TWO63 && y < TWO63; }  // false for NaN
+// revsgd/kernels/codes.py
+constexpr int GRAD_NONFINITE = 1, TERM_OVERFLOW = 2, ADD_OVERFLOW = 3, UNSHIFT_OVERFLOW = 4;
+constexpr int code(int base, int state) { return base | (state << 4); }
 
-// rint (ties to even) of a double already known to lie in [-2^63, 2^63): llrint uses the default rounding mode.
-inline int64_t rint64(double y) { return static_cast<int64_t>(std::llrint(y)); }
+std::atomic<int> g_threads{1};
 
-// y div n for 0 <= y < 2^48 and 1 <= n <= 2^16: trunc((y + 0.5)·(1/n)) is exact there.
-inline int64_t div48(int64_t y, double inv_n) {
-    return static_cast<int64_t>((static_cast<double>(y) + 0.5) * inv_n);
+// --- arithmetic of the specification ------------------------------------------------------------------------
+
+inline double f64(int64_t x) { return static_cast<double>(x); }  // cvtsi2sd: round to nearest even
+
+// _fix: rint(y) as int64 where y ∈ [-2^63, 2^63) (NaN fails); llrint rounds half to even (default mode).
+inline bool fix(double y, int64_t &out) {
+    if (!(y >= -TWO63 && y < TWO63)) return false;
+    out = static_cast<int64_t>(std::llrint(y));
+    return true;
 }
 
-// floor(v / n) for any int64 v. For |v| < 2^50 one float product is exact (the quotient sits at least 0.5/n
-// from an integer, the float error is below 2^-2/n); otherwise split v = a·2^32 + b and divide the halves.
-inline int64_t floordiv64(int64_t v, int64_t n, double inv_n, int64_t &rem) {
-    if (v >= -(int64_t(1) << 50) && v < (int64_t(1) << 50)) {
-        const double z = (static_cast<double>(v) + 0.5) * inv_n;
-        const int64_t q = static_cast<int64_t>(z) - (z < 0.0);
-        rem = v - q * n;
-        return q;
-    }
-    const int64_t a = v >> 32;  // arithmetic shift: floor
-    const double z = (static_cast<double>(a) + 0.5) * inv_n;
-    const int64_t qa = static_cast<int64_t>(z) - (z < 0.0);  // z is never an integer: trunc-1 is floor below 0
-    const int64_t y2 = ((a - qa * n) << 32) | (v & 0xFFFFFFFFLL);
-    const int64_t q2 = div48(y2, inv_n);
-    rem = y2 - q2 * n;
-    return qa * 4294967296LL + q2;
-}
+struct NoOut {};  // "no P output" as a template type
 
-// d = fix((1 − n/2^16)·g), the velocity update's integer.
-inline int8_t velocity_term(double g, double cg, double twoF, int64_t &d) {
-    if (!std::isfinite(g)) return GRAD_NONFINITE;
-    const double y = (cg * g) * twoF;
-    if (!in_int64(y)) return VEL_FIX_OVERFLOW;
-    d = rint64(y);
-    return OK;
-}
+// --- the tape -----------------------------------------------------------------------------------------------
 
-// e = fix(α·flt(V)) = rint(α·float64(V)), the position update's integer.
-inline int8_t position_term(double a, int64_t v, int64_t &e) {
-    const double y = a * static_cast<double>(v);
-    if (!in_int64(y)) return POS_FIX_OVERFLOW;
-    e = rint64(y);
-    return OK;
-}
-
-struct Args {
-    int64_t *V; int64_t *W; const double *G; const double *alpha; const int64_t *n;
-    uint32_t *heads; const uint64_t *ptrs; int64_t *lens; const int64_t *caps;
-    int64_t *begin; int64_t *end; int8_t *status;
-    int64_t nchunks; double twoF;
+struct TapeArgs {           // one tape of the op; on == false: no group shifts (rows is None), no tape work
+    uint16_t *heads = nullptr;
+    uint16_t *words = nullptr;
+    const int64_t *h = nullptr, *pend = nullptr, *rows = nullptr;
+    int64_t hs = 0;         // stride of h (0: one value for every group)
+    bool on = false;
 };
 
-// A lane's n, 1/n, 1 − n/2^16 and α: loaded once per chunk when shared by all lanes (NL / AL false).
-template <bool NL, bool AL>
-struct LaneParams {
-    int64_t n;
-    double inv, cg, a;
-    explicit LaneParams(const Args &A) : a(A.alpha[0]) { set_n(A.n[0]); }
-    void set_n(int64_t v) {
-        n = v;
-        inv = 1.0 / static_cast<double>(v);
-        cg = static_cast<double>(65536 - v) * 0x1p-16;
-    }
-    void load(const Args &A, int64_t i) {
-        if (NL) set_n(A.n[i]);
-        if (AL) a = A.alpha[i];
-    }
+// A tape's work on one segment (lanes of group g). h == 0: none.
+struct Seg {
+    int h = 0, p = 0, keep = 0;
+    bool moves = false;
+    uint64_t mask = 0, keepmask = 0;
+    int64_t wbase = 0;      // word of lane i: words[wbase + i]
+    uint16_t *heads = nullptr, *words = nullptr;
 };
 
-template <bool SCALE, bool HW, bool HG, bool NL, bool AL>
-void forward_impl(const Args &A) {
-#pragma omp parallel for schedule(dynamic, 1) if (A.nchunks > 1)
-    for (int64_t c = 0; c < A.nchunks; ++c) {
-        int64_t i = A.begin[c];
-        const int64_t e = A.end[c];
-        uint16_t *p = reinterpret_cast<uint16_t *>(A.ptrs[c]);
-        int64_t k = A.lens[c];
-        const int64_t cap = A.caps[c];
-        int8_t code = OK;
-        LaneParams<NL, AL> P(A);
-        for (; i < e; ++i) {
-            P.load(A, i);
-            int64_t v = A.V[i];
-            int64_t x = 0, word = 0;
-            bool emit = false;
-            if (SCALE) {
-                x = A.heads[i];
-                const int64_t q = v >> 16, r = v & 0xFFFF;
-                if (x >= (P.n << 16)) { emit = true; word = x & 0xFFFF; x >>= 16; }
-                const int64_t y = (x << 16) | r;
-                const int64_t xq = div48(y, P.inv);
-                v = q * P.n + (y - xq * P.n);
-                x = xq;
-            }
-            if (HG) {
-                int64_t d;
-                if ((code = velocity_term(A.G[i], P.cg, A.twoF, d)) != OK) break;
-                if (__builtin_sub_overflow(v, d, &v)) { code = VEL_OVERFLOW; break; }
-            }
-            int64_t w2 = 0;
-            if (HW) {
-                int64_t e;
-                if ((code = position_term(P.a, v, e)) != OK) break;
-                if (__builtin_add_overflow(A.W[i], e, &w2)) { code = POS_OVERFLOW; break; }
-            }
-            if (emit) {
-                if (k == cap) { code = FULL; break; }
-                p[k++] = static_cast<uint16_t>(word);
-            }
-            if (SCALE) A.heads[i] = static_cast<uint32_t>(x);
-            A.V[i] = v;
-            if (HW) A.W[i] = w2;
-        }
-        A.begin[c] = i;
-        A.lens[c] = k;
-        A.status[c] = code;
-    }
+// push == true: this kernel pushes (forward op, or the undo of a reverse op). undo == true: the pending count is
+// the one the undone op would have left (it was never committed).
+inline Seg make_seg(const TapeArgs &T, int64_t g, int64_t first, bool push, bool undo) {
+    Seg s;
+    if (!T.on) return s;
+    s.h = static_cast<int>(T.h[g * T.hs]);
+    if (s.h == 0) return s;
+    int p = static_cast<int>(T.pend[g]);
+    const int64_t row = T.rows[g];
+    s.moves = row >= 0;
+    if (undo) p = push ? (s.moves ? p + 16 - s.h : p - s.h) : (s.moves ? p + s.h - 16 : p + s.h);
+    s.p = p;
+    s.mask = (uint64_t(1) << s.h) - 1;
+    s.keep = s.moves ? p + s.h - 16 : 0;
+    s.keepmask = (uint64_t(1) << s.keep) - 1;
+    s.wbase = row - first;
+    s.heads = T.heads;
+    s.words = T.words;
+    return s;
 }
 
-template <bool SCALE, bool HW, bool HG, bool NL, bool AL>
-void reverse_impl(const Args &A) {
-#pragma omp parallel for schedule(dynamic, 1) if (A.nchunks > 1)
-    for (int64_t c = 0; c < A.nchunks; ++c) {
-        const int64_t b = A.begin[c];
-        int64_t i = A.end[c] - 1;
-        const uint16_t *p = reinterpret_cast<const uint16_t *>(A.ptrs[c]);
-        int64_t k = A.lens[c];
-        int8_t code = OK;
-        LaneParams<NL, AL> P(A);
-        for (; i >= b; --i) {
-            P.load(A, i);
-            int64_t v = A.V[i];
-            int64_t w2 = 0;
-            if (HW) {
-                int64_t e;
-                if ((code = position_term(P.a, v, e)) != OK) break;
-                if (__builtin_sub_overflow(A.W[i], e, &w2)) { code = POS_OVERFLOW; break; }
-            }
-            if (HG) {
-                int64_t d;
-                if ((code = velocity_term(A.G[i], P.cg, A.twoF, d)) != OK) break;
-                if (__builtin_add_overflow(v, d, &v)) { code = VEL_OVERFLOW; break; }
-            }
-            int64_t x = 0;
-            bool pop = false;
-            if (SCALE) {
-                int64_t s;
-                const int64_t q = floordiv64(v, P.n, P.inv, s);
-                if (q < -TWO47 || q >= TWO47) { code = UNSCALE_OVERFLOW; break; }
-                const int64_t y = static_cast<int64_t>(A.heads[i]) * P.n + s;
-                x = y >> 16;
-                if (x < 65536) {
-                    if (k == 0) { code = TAPE_EMPTY; break; }
-                    pop = true;
+struct Pushed { uint16_t head, word; };
+
+// _Shift.forward on lane i: X >> h; the new head (and row word) are returned, stored by store_push.
+inline int64_t push_lane(const Seg &s, int64_t i, int64_t x, Pushed &out) {
+    const uint64_t c = (uint64_t(s.heads[i]) << s.h) | (uint64_t(x) & s.mask);
+    if (s.moves) {
+        out.word = static_cast<uint16_t>(c >> s.keep);
+        out.head = static_cast<uint16_t>(c & s.keepmask);
+    } else {
+        out.head = static_cast<uint16_t>(c);
+    }
+    return x >> s.h;
+}
+
+inline void store_push(const Seg &s, int64_t i, const Pushed &v) {
+    s.heads[i] = v.head;
+    if (s.moves) s.words[s.wbase + i] = v.word;
+}
+
+// _Shift.reverse on lane i: (X << h) | the h bits recorded last; false where X << h leaves int64.
+inline bool pop_lane(const Seg &s, int64_t i, int64_t &x, uint16_t &head) {
+    const int64_t top = x >> (63 - s.h);
+    if (top != 0 && top != -1) return false;
+    uint64_t c = s.heads[i];
+    if (s.moves) c |= uint64_t(s.words[s.wbase + i]) << s.p;
+    head = static_cast<uint16_t>(c >> s.h);
+    x = static_cast<int64_t>((uint64_t(x) << s.h) | (c & s.mask));
+    return true;
+}
+
+// Group of lane a: the last g with off[g] <= a.
+inline int64_t group_of(const int64_t *off, int64_t G, int64_t a) {
+    return static_cast<int64_t>(std::upper_bound(off, off + G + 1, a) - off) - 1;
+}
+
+// --- per-group parameters -----------------------------------------------------------------------------------
+
+struct Param {              // a per-group float64 parameter: G values or one for all (stride 0)
+    const double *p = nullptr;
+    int64_t s = 0;
+    double operator[](int64_t g) const { return p[g * s]; }
+};
+
+// --- shift ---------------------------------------------------------------------------------------------------
+
+struct ShiftArgs {
+    int64_t *X;
+    const int64_t *off;
+    int64_t G;
+    TapeArgs T;
+};
+
+template <bool FWD>
+int64_t shift_range(const ShiftArgs &A, int64_t a, int64_t b, bool undo, int &err) {
+    for (int64_t g = group_of(A.off, A.G, a), lo = a; lo < b; ++g) {
+        const int64_t hi = std::min(b, A.off[g + 1]);
+        const Seg s = make_seg(A.T, g, A.off[g], FWD, undo);
+        if (s.h != 0) {
+            for (int64_t i = lo; i < hi; ++i) {
+                int64_t x = A.X[i];
+                if (FWD) {
+                    Pushed pu;
+                    x = push_lane(s, i, x, pu);
+                    store_push(s, i, pu);
+                } else {
+                    uint16_t head;
+                    if (!pop_lane(s, i, x, head)) { err = code(UNSHIFT_OVERFLOW, 0); return i; }
+                    s.heads[i] = head;
                 }
-                v = q * 65536 + (y & 0xFFFF);
+                A.X[i] = x;
             }
-            if (pop) x = (x << 16) | p[--k];
-            if (SCALE) A.heads[i] = static_cast<uint32_t>(x);
-            A.V[i] = v;
-            if (HW) A.W[i] = w2;
         }
-        A.end[c] = i + 1;
-        A.lens[c] = k;
-        A.status[c] = code;
+        lo = hi;
     }
+    return b;
 }
 
-using Kernel = void (*)(const Args &);
+// --- momentum ------------------------------------------------------------------------------------------------
 
-template <template <bool, bool, bool, bool, bool> class F>
-struct Table {
-    template <int M>
-    static constexpr Kernel at() { return &F<(M & 1) != 0, (M & 2) != 0, (M & 4) != 0, (M & 8) != 0, (M & 16) != 0>::run; }
-    template <int... M>
-    static constexpr Kernel pick(int m, std::integer_sequence<int, M...>) {
-        constexpr Kernel all[] = {at<M>()...};
-        return all[m];
-    }
-    static Kernel get(int m) { return pick(m, std::make_integer_sequence<int, 32>{}); }
+struct MomArgs {
+    int64_t *V, *W;
+    const void *G;
+    void *P;
+    const int64_t *off;
+    int64_t G_;
+    Param cv, cp, lam;
+    double two_fv, sv, ws;
+    TapeArgs T;
 };
 
-template <bool S, bool W, bool G, bool N, bool A> struct Fwd { static void run(const Args &a) { forward_impl<S, W, G, N, A>(a); } };
-template <bool S, bool W, bool G, bool N, bool A> struct Rev { static void run(const Args &a) { reverse_impl<S, W, G, N, A>(a); } };
-
-template <typename T>
-T *data_of(py::array &arr, const char *what, bool allow_empty = false) {
-    if (!py::isinstance<py::array_t<T>>(arr) || !(arr.flags() & py::array::c_style) || arr.ndim() != 1)
-        throw std::invalid_argument(std::string(what) + ": expected a 1-D C-contiguous array of the right dtype");
-    if (!allow_empty && arr.size() == 0) throw std::invalid_argument(std::string(what) + ": empty");
-    return static_cast<T *>(arr.mutable_data());
+template <bool FWD, bool ST, bool PO, bool TP, class GT, class PT>
+int64_t mom_seg(const MomArgs &A, int64_t lo, int64_t hi, double cv, double cp, double lam, const Seg &s,
+                int &err) {
+    const GT *Gp = static_cast<const GT *>(A.G);
+    for (int64_t i = lo; i < hi; ++i) {
+        int64_t v = A.V[i], w = A.W[i];
+        Pushed pu{0, 0};
+        uint16_t head = 0;
+        if (!FWD && PO) {
+            int64_t e;
+            if (!fix((cp * f64(v)) * A.sv, e)) { err = code(TERM_OVERFLOW, 1); return i; }
+            if (__builtin_sub_overflow(w, e, &w)) { err = code(ADD_OVERFLOW, 1); return i; }
+        }
+        if (ST) {
+            double g = static_cast<double>(Gp[i]);
+            if (!std::isfinite(g)) { err = code(GRAD_NONFINITE, 0); return i; }
+            g = g + lam * (f64(w) * A.ws);
+            int64_t d;
+            if (!fix((cv * g) * A.two_fv, d)) { err = code(TERM_OVERFLOW, 0); return i; }
+            if (FWD) {
+                if (TP) v = push_lane(s, i, v, pu);
+                if (__builtin_add_overflow(v, d, &v)) { err = code(ADD_OVERFLOW, 0); return i; }
+            } else {
+                if (__builtin_sub_overflow(v, d, &v)) { err = code(ADD_OVERFLOW, 0); return i; }
+                if (TP && !pop_lane(s, i, v, head)) { err = code(UNSHIFT_OVERFLOW, 0); return i; }
+            }
+        }
+        if (FWD && PO) {
+            int64_t e;
+            if (!fix((cp * f64(v)) * A.sv, e)) { err = code(TERM_OVERFLOW, 1); return i; }
+            if (__builtin_add_overflow(w, e, &w)) { err = code(ADD_OVERFLOW, 1); return i; }
+        }
+        if (ST) {
+            if (TP) {
+                if (FWD) store_push(s, i, pu);
+                else s.heads[i] = head;
+            }
+            A.V[i] = v;
+        }
+        if (PO) {
+            A.W[i] = w;
+            if constexpr (!std::is_same_v<PT, NoOut>) static_cast<PT *>(A.P)[i] = static_cast<PT>(f64(w) * A.ws);
+        }
+    }
+    return hi;
 }
 
-void run_kernel(bool forward, py::array V, py::array W, py::array G, py::array alpha, py::array n, py::array heads,
-                py::array ptrs, py::array lens, py::array caps, py::array begin, py::array end, py::array status,
-                bool do_scale, bool has_w, bool has_g, double twoF) {
-    Args A;
-    const py::ssize_t L = V.size();
-    A.V = data_of<int64_t>(V, "V");
-    A.W = data_of<int64_t>(W, "W", true);
-    A.G = data_of<double>(G, "G", true);
-    A.alpha = data_of<double>(alpha, "alpha");
-    A.n = data_of<int64_t>(n, "n");
-    A.heads = data_of<uint32_t>(heads, "heads");
-    A.ptrs = data_of<uint64_t>(ptrs, "ptrs");
-    A.lens = data_of<int64_t>(lens, "lens");
-    A.caps = data_of<int64_t>(caps, "caps");
-    A.begin = data_of<int64_t>(begin, "begin");
-    A.end = data_of<int64_t>(end, "end");
-    A.status = data_of<int8_t>(status, "status");
-    A.nchunks = begin.size();
-    A.twoF = twoF;
-    if (heads.size() != L || (has_w && W.size() != L) || (has_g && G.size() != L) ||
-        (n.size() != 1 && n.size() != L) || (alpha.size() != 1 && alpha.size() != L) ||
-        ptrs.size() != A.nchunks || lens.size() != A.nchunks || caps.size() != A.nchunks ||
-        end.size() != A.nchunks || status.size() != A.nchunks)
-        throw std::invalid_argument("kernel arrays have inconsistent lengths");
-    for (int64_t c = 0; c < A.nchunks; ++c)
-        if (A.begin[c] < 0 || A.end[c] > L || A.begin[c] > A.end[c])
-            throw std::invalid_argument("kernel lane range out of bounds");
-    const int m = int(do_scale) | int(has_w) << 1 | int(has_g) << 2 | int(n.size() > 1) << 3 | int(alpha.size() > 1) << 4;
-    const Kernel k = forward ? Table<Fwd>::get(m) : Table<Rev>::get(m);
-    py::gil_scoped_release nogil;
-    k(A);
+template <bool FWD, bool ST, bool PO, class GT, class PT>
+int64_t mom_range(const MomArgs &A, int64_t a, int64_t b, bool undo, int &err) {
+    for (int64_t g = group_of(A.off, A.G_, a), lo = a; lo < b; ++g) {
+        const int64_t hi = std::min(b, A.off[g + 1]);
+        const double cv = A.cv[g], cp = A.cp[g], lam = A.lam[g];
+        const Seg s = ST ? make_seg(A.T, g, A.off[g], FWD, undo) : Seg{};
+        const int64_t stop = s.h != 0 ? mom_seg<FWD, ST, PO, ST, GT, PT>(A, lo, hi, cv, cp, lam, s, err)
+                                      : mom_seg<FWD, ST, PO, false, GT, PT>(A, lo, hi, cv, cp, lam, s, err);
+        if (stop < hi) return stop;
+        lo = hi;
+    }
+    return b;
+}
+
+// --- adam ----------------------------------------------------------------------------------------------------
+
+struct AdamArgs {
+    int64_t *M, *S, *W;
+    const void *G;
+    void *P;
+    const int64_t *off;
+    int64_t G_;
+    Param c1, c2, lam, am, as_, sb, eps, cu, ws, ps;
+    double two_fm, two_fs, two_fw;
+    TapeArgs Tm, Ts, Tw;
+};
+
+template <bool FWD, bool ST, bool PO, class GT, class PT>
+int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err) {
+    const GT *Gp = static_cast<const GT *>(A.G);
+    for (int64_t g = group_of(A.off, A.G_, a), lo = a; lo < b; ++g) {
+        const int64_t hi = std::min(b, A.off[g + 1]), first = A.off[g];
+        const double c1 = A.c1[g], c2 = A.c2[g], lam = A.lam[g], am = A.am[g], as = A.as_[g], sb = A.sb[g],
+                     eps = A.eps[g], cu = A.cu[g], ws = A.ws[g], ps = A.ps[g];
+        const Seg sm = ST ? make_seg(A.Tm, g, first, FWD, undo) : Seg{};
+        const Seg ss = ST ? make_seg(A.Ts, g, first, FWD, undo) : Seg{};
+        const Seg sw = PO ? make_seg(A.Tw, g, first, FWD, undo) : Seg{};
+        for (int64_t i = lo; i < hi; ++i) {
+            int64_t m = A.M[i], s = A.S[i], w = A.W[i];
+            Pushed pm{0, 0}, pss{0, 0}, pw{0, 0};
+            uint16_t hm = 0, hs = 0, hw = 0;
+            if (!FWD && PO) {
+                const double q = (am * f64(m)) / (std::sqrt(as * f64(s)) / sb + eps);
+                int64_t u;
+                if (!fix((cu * q) * A.two_fw, u)) { err = code(TERM_OVERFLOW, 2); return i; }
+                if (__builtin_add_overflow(w, u, &w)) { err = code(ADD_OVERFLOW, 2); return i; }
+                if (sw.h && !pop_lane(sw, i, w, hw)) { err = code(UNSHIFT_OVERFLOW, 2); return i; }
+            }
+            if (ST) {
+                double gr = static_cast<double>(Gp[i]);
+                if (!std::isfinite(gr)) { err = code(GRAD_NONFINITE, 0); return i; }
+                gr = gr + lam * (f64(w) * ws);
+                int64_t d1, d2;
+                if (!fix((c1 * gr) * A.two_fm, d1)) { err = code(TERM_OVERFLOW, 0); return i; }
+                if (!fix((c2 * (gr * gr)) * A.two_fs, d2)) { err = code(TERM_OVERFLOW, 1); return i; }
+                if (FWD) {
+                    if (sm.h) m = push_lane(sm, i, m, pm);
+                    if (__builtin_add_overflow(m, d1, &m)) { err = code(ADD_OVERFLOW, 0); return i; }
+                    if (ss.h) s = push_lane(ss, i, s, pss);
+                    if (__builtin_add_overflow(s, d2, &s)) { err = code(ADD_OVERFLOW, 1); return i; }
+                } else {
+                    if (__builtin_sub_overflow(s, d2, &s)) { err = code(ADD_OVERFLOW, 1); return i; }
+                    if (ss.h && !pop_lane(ss, i, s, hs)) { err = code(UNSHIFT_OVERFLOW, 1); return i; }
+                    if (__builtin_sub_overflow(m, d1, &m)) { err = code(ADD_OVERFLOW, 0); return i; }
+                    if (sm.h && !pop_lane(sm, i, m, hm)) { err = code(UNSHIFT_OVERFLOW, 0); return i; }
+                }
+            }
+            if (FWD && PO) {
+                if (sw.h) w = push_lane(sw, i, w, pw);
+                const double q = (am * f64(m)) / (std::sqrt(as * f64(s)) / sb + eps);
+                int64_t u;
+                if (!fix((cu * q) * A.two_fw, u)) { err = code(TERM_OVERFLOW, 2); return i; }
+                if (__builtin_sub_overflow(w, u, &w)) { err = code(ADD_OVERFLOW, 2); return i; }
+            }
+            if (ST) {
+                if (FWD) {
+                    if (sm.h) store_push(sm, i, pm);
+                    if (ss.h) store_push(ss, i, pss);
+                } else {
+                    if (sm.h) sm.heads[i] = hm;
+                    if (ss.h) ss.heads[i] = hs;
+                }
+                A.M[i] = m;
+                A.S[i] = s;
+            }
+            if (PO) {
+                if (sw.h) {
+                    if (FWD) store_push(sw, i, pw);
+                    else sw.heads[i] = hw;
+                }
+                A.W[i] = w;
+                if constexpr (!std::is_same_v<PT, NoOut>) static_cast<PT *>(A.P)[i] = static_cast<PT>(f64(w) * ps);
+            }
+        }
+        lo = hi;
+    }
+    return b;
+}
+
+// --- driver --------------------------------------------------------------------------------------------------
+
+template <class Args>
+using RangeFn = int64_t (*)(const Args &, int64_t, int64_t, bool, int &);
+
+// Runs `run` over every chunk; on error undoes every chunk's finished lanes with `inverse`. Returns None or
+// (code, lowest failing lane).
+template <class Args>
+py::object drive(const Args &A, int64_t L, RangeFn<Args> run, RangeFn<Args> inverse) {
+    const int64_t nch = (L + CHUNK - 1) / CHUNK;
+    int bad_code = 0;
+    int64_t bad_lane = -1;
+    bool undo_failed = false;
+    {
+        py::gil_scoped_release nogil;
+        if (nch == 1) {  // a small model: no parallel region (it would cost more than the work)
+            int err = 0;
+            const int64_t stop = run(A, 0, L, false, err);
+            if (err) {
+                int e2 = 0;
+                undo_failed = inverse(A, 0, stop, true, e2) != stop || e2;
+                bad_code = err;
+                bad_lane = stop;
+            }
+        } else {
+            std::vector<int64_t> stop(nch);
+            std::vector<int> err(nch, 0);
+            const int nt = static_cast<int>(std::min<int64_t>(g_threads.load(), nch));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+            for (int64_t c = 0; c < nch; ++c) stop[c] = run(A, c * CHUNK, std::min(L, (c + 1) * CHUNK), false, err[c]);
+            int64_t first = -1;
+            for (int64_t c = 0; c < nch && first < 0; ++c)
+                if (err[c]) first = c;
+            if (first >= 0) {
+                bad_code = err[first];
+                bad_lane = stop[first];
+                std::vector<char> failed(nch, 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+                for (int64_t c = 0; c < nch; ++c) {
+                    int e2 = 0;
+                    failed[c] = inverse(A, c * CHUNK, stop[c], true, e2) != stop[c] || e2;
+                }
+                for (char f : failed) undo_failed |= f != 0;
+            }
+        }
+    }
+    if (undo_failed) throw std::runtime_error("revsgd._cpp: undoing a failed op failed (internal error)");
+    if (bad_lane < 0) return py::none();
+    return py::make_tuple(bad_code, bad_lane);
+}
+
+// --- argument checks (strict: no silent conversion) ----------------------------------------------------------
+
+template <class T>
+T *data(py::handle h, const char *what, int64_t n, bool write) {
+    if (!py::isinstance<py::array_t<T, 0>>(h))
+        throw py::type_error(std::string(what) + ": expected a numpy array of dtype " +
+                             py::str(py::dtype::of<T>()).cast<std::string>() + " (no silent conversion)");
+    auto a = py::reinterpret_borrow<py::array>(h);
+    if (a.ndim() != 1 || (n >= 0 && a.shape(0) != n))
+        throw py::value_error(std::string(what) + ": expected a 1-D array of length " + std::to_string(n));
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + ": must be contiguous");
+    if (write && !a.writeable()) throw py::value_error(std::string(what) + ": must be writeable");
+    return static_cast<T *>(const_cast<void *>(a.data()));
+}
+
+// A float array of length n: kind 0 = float32, 1 = float64.
+void *float_data(py::handle h, const char *what, int64_t n, bool write, int &kind) {
+    if (py::isinstance<py::array_t<float, 0>>(h)) {
+        kind = 0;
+        return data<float>(h, what, n, write);
+    }
+    kind = 1;
+    return data<double>(h, what, n, write);
+}
+
+inline py::object attr(py::handle o, const char *name) { return o.attr(name); }
+
+// A per-group array of G values or one value for all groups (read-only; any stride); G < 0: any length.
+template <class T>
+const T *group_data(py::handle h, const char *what, int64_t G, int64_t &stride) {
+    if (!py::isinstance<py::array_t<T, 0>>(h))
+        throw py::type_error(std::string(what) + ": expected a numpy array of dtype " +
+                             py::str(py::dtype::of<T>()).cast<std::string>() + " (no silent conversion)");
+    auto a = py::reinterpret_borrow<py::array>(h);
+    if (a.ndim() != 1 || (G >= 0 && a.shape(0) != G && a.shape(0) != 1) || a.shape(0) < 1)
+        throw py::value_error(std::string(what) + ": expected shape (" + std::to_string(G) + ",) or (1,)");
+    stride = a.shape(0) == 1 ? 0 : a.strides(0) / static_cast<py::ssize_t>(sizeof(T));
+    if (a.shape(0) != 1 && a.strides(0) != stride * static_cast<py::ssize_t>(sizeof(T)))
+        throw py::value_error(std::string(what) + ": misaligned stride");
+    return static_cast<const T *>(a.data());
+}
+
+Param param(py::handle prm, const char *name, int64_t G) {
+    Param p;
+    p.p = group_data<double>(attr(prm, name), name, G, p.s);
+    return p;
+}
+
+int frac(py::handle prm, const char *name) {
+    const int f = attr(prm, name).cast<int>();
+    if (f < 0 || f > 62) throw py::value_error(std::string(name) + " must lie in [0, 62]");
+    return f;
+}
+
+struct Groups {
+    const int64_t *off;
+    int64_t G, L;
+};
+
+// The lane groups of a tape (offsets: strictly increasing from 0 to num_lanes; checked, they guard memory).
+Groups groups_of(py::handle st) {
+    py::object o = attr(st, "offsets");
+    auto a = py::reinterpret_borrow<py::array>(o);
+    Groups g;
+    g.off = data<int64_t>(o, "offsets", -1, false);
+    g.G = a.shape(0) - 1;
+    if (g.G < 1) throw py::value_error("offsets: at least one group");
+    g.L = g.off[g.G];
+    if (g.off[0] != 0) throw py::value_error("offsets must start at 0");
+    for (int64_t k = 0; k < g.G; ++k)
+        if (g.off[k + 1] <= g.off[k]) throw py::value_error("offsets must increase strictly");
+    return g;
+}
+
+// One tape's arguments: rows None = no group shifts (h all zero), no tape work.
+TapeArgs tape_args(py::handle st, py::handle h, py::handle rows, const Groups &g, const char *what) {
+    TapeArgs T;
+    if (st.is_none() || rows.is_none()) return T;
+    Groups g2 = groups_of(st);
+    if (g2.G != g.G || g2.L != g.L || !std::equal(g.off, g.off + g.G + 1, g2.off))
+        throw py::value_error(std::string(what) + ": the tapes of one op must have the same groups");
+    T.h = group_data<int64_t>(h, what, g.G, T.hs);
+    T.heads = data<uint16_t>(attr(st, "heads"), "heads", g.L, true);
+    py::object words = attr(st, "words");
+    T.words = data<uint16_t>(words, "words", -1, true);
+    const int64_t cap = py::reinterpret_borrow<py::array>(words).shape(0);
+    T.pend = data<int64_t>(attr(st, "pending"), "pending", g.G, false);
+    T.rows = data<int64_t>(rows, "rows", g.G, false);
+    for (int64_t k = 0; k < g.G; ++k) {
+        const int64_t hk = T.h[k * T.hs], pk = T.pend[k], rk = T.rows[k], size = g.off[k + 1] - g.off[k];
+        if (hk < 0 || hk > 16 || pk < 0 || pk > 15) throw py::value_error("shift or pending count out of range");
+        if (rk >= 0 && (hk == 0 || rk > cap - size)) throw py::value_error("tape row outside the word buffer");
+    }
+    T.on = true;
+    return T;
+}
+
+template <class T>
+struct Tag { using type = T; };
+
+template <class F>
+auto with_bool(bool b, F &&f) { return b ? f(std::true_type{}) : f(std::false_type{}); }
+
+template <class F>
+auto with_grad(int kind, F &&f) { return kind == 0 ? f(Tag<float>{}) : f(Tag<double>{}); }
+
+template <class F>
+auto with_out(int kind, F &&f) {
+    return kind == 0 ? f(Tag<float>{}) : kind == 1 ? f(Tag<double>{}) : f(Tag<NoOut>{});
+}
+
+// --- the ops -------------------------------------------------------------------------------------------------
+
+py::object shift(py::handle st, py::handle X, py::handle h, py::handle rows, bool forward) {
+    ShiftArgs A;
+    const Groups g = groups_of(st);
+    A.off = g.off;
+    A.G = g.G;
+    A.X = data<int64_t>(X, "X", g.L, true);
+    A.T = tape_args(st, h, rows, g, "h");
+    if (!A.T.on) return py::none();
+    return forward ? drive<ShiftArgs>(A, g.L, &shift_range<true>, &shift_range<false>)
+                   : drive<ShiftArgs>(A, g.L, &shift_range<false>, &shift_range<true>);
+}
+
+py::object momentum(py::handle st, py::handle V, py::handle W, py::handle G, py::handle P, py::handle prm,
+                    py::handle rows, bool forward, bool state, bool position) {
+    if (!state && !position) return py::none();
+    MomArgs A;
+    const Groups g = groups_of(st);
+    A.off = g.off;
+    A.G_ = g.G;
+    A.V = data<int64_t>(V, "V", g.L, state);
+    A.W = data<int64_t>(W, "W", g.L, position);
+    if (A.V == A.W) throw py::value_error("V and W must be different arrays");
+    int gk = 1, pk = 2;
+    A.G = state ? float_data(G, "G", g.L, false, gk) : nullptr;
+    A.P = position && !P.is_none() ? float_data(P, "P", g.L, true, pk) : nullptr;
+    A.cv = param(prm, "cv", g.G);
+    A.cp = param(prm, "cp", g.G);
+    A.lam = param(prm, "lam", g.G);
+    const int fv = frac(prm, "frac_v"), fw = frac(prm, "frac_w");
+    A.two_fv = std::ldexp(1.0, fv);   // the spec's 2.0**frac_v, 2.0**(frac_w - frac_v), 2.0**-frac_w: exact
+    A.sv = std::ldexp(1.0, fw - fv);
+    A.ws = std::ldexp(1.0, -fw);
+    if (state) A.T = tape_args(st, attr(prm, "h"), rows, g, "h");
+    auto pick = [&](bool fwd) {
+        return with_bool(fwd, [&](auto F) {
+            return with_bool(state, [&](auto S) {
+                return with_bool(position, [&](auto Q) {
+                    return with_grad(gk, [&](auto GT) {
+                        return with_out(pk, [&](auto PT) -> RangeFn<MomArgs> {
+                            return &mom_range<decltype(F)::value, decltype(S)::value, decltype(Q)::value,
+                                              typename decltype(GT)::type, typename decltype(PT)::type>;
+                        });
+                    });
+                });
+            });
+        });
+    };
+    return drive<MomArgs>(A, g.L, pick(forward), pick(!forward));
+}
+
+py::object adam(py::tuple tapes, py::handle M, py::handle S, py::handle W, py::handle G, py::handle P,
+                py::handle prm, py::tuple rows, bool forward, bool state, bool position) {
+    if (tapes.size() != 3 || rows.size() != 3) throw py::value_error("adam: three tapes and three row plans");
+    if (!state && !position) return py::none();
+    AdamArgs A;
+    const Groups g = groups_of(tapes[0]);
+    A.off = g.off;
+    A.G_ = g.G;
+    A.M = data<int64_t>(M, "M", g.L, state);
+    A.S = data<int64_t>(S, "S", g.L, state);
+    A.W = data<int64_t>(W, "W", g.L, position);
+    if (A.M == A.S || A.M == A.W || A.S == A.W) throw py::value_error("M, S and W must be different arrays");
+    int gk = 1, pk = 2;
+    A.G = state ? float_data(G, "G", g.L, false, gk) : nullptr;
+    A.P = position && !P.is_none() ? float_data(P, "P", g.L, true, pk) : nullptr;
+    A.c1 = param(prm, "c1", g.G);
+    A.c2 = param(prm, "c2", g.G);
+    A.lam = param(prm, "lam", g.G);
+    A.am = param(prm, "am", g.G);
+    A.as_ = param(prm, "as_", g.G);
+    A.sb = param(prm, "sb", g.G);
+    A.eps = param(prm, "eps", g.G);
+    A.cu = param(prm, "cu", g.G);
+    A.ws = param(prm, "ws", g.G);
+    A.ps = param(prm, "ps", g.G);
+    A.two_fm = std::ldexp(1.0, frac(prm, "frac_m"));
+    A.two_fs = std::ldexp(1.0, frac(prm, "frac_s"));
+    A.two_fw = std::ldexp(1.0, frac(prm, "frac_w"));
+    if (state) {
+        A.Tm = tape_args(tapes[0], attr(prm, "h1"), rows[0], g, "h1");
+        A.Ts = tape_args(tapes[1], attr(prm, "h2"), rows[1], g, "h2");
+    }
+    if (position) A.Tw = tape_args(tapes[2], attr(prm, "hw"), rows[2], g, "hw");
+    auto pick = [&](bool fwd) {
+        return with_bool(fwd, [&](auto F) {
+            return with_bool(state, [&](auto St) {
+                return with_bool(position, [&](auto Q) {
+                    return with_grad(gk, [&](auto GT) {
+                        return with_out(pk, [&](auto PT) -> RangeFn<AdamArgs> {
+                            return &adam_range<decltype(F)::value, decltype(St)::value, decltype(Q)::value,
+                                               typename decltype(GT)::type, typename decltype(PT)::type>;
+                        });
+                    });
+                });
+            });
+        });
+    };
+    return drive<AdamArgs>(A, g.L, pick(forward), pick(!forward));
+}
+
+// Whether any shift of h (int64, 1-D) is non-zero: decides whether the op plans tape work at all.
+bool any_shift(py::handle h) {
+    int64_t s;
+    const int64_t *p = group_data<int64_t>(h, "h", -1, s);
+    const int64_t n = py::reinterpret_borrow<py::array>(h).shape(0);
+    for (int64_t k = 0; k < n; ++k)
+        if (p[k * s] != 0) return true;
+    return false;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cpp, mod) {
-    mod.doc() = "revsgd fused exact-momentum and lost-bits tape kernels";
-    mod.def("forward", [](py::array V, py::array W, py::array G, py::array alpha, py::array n, py::array heads,
-                          py::array ptrs, py::array lens, py::array caps, py::array begin, py::array end,
-                          py::array status, bool do_scale, bool has_w, bool has_g, double twoF) {
-        run_kernel(true, V, W, G, alpha, n, heads, ptrs, lens, caps, begin, end, status, do_scale, has_w, has_g, twoF);
-    });
-    mod.def("reverse", [](py::array V, py::array W, py::array G, py::array alpha, py::array n, py::array heads,
-                          py::array ptrs, py::array lens, py::array caps, py::array begin, py::array end,
-                          py::array status, bool do_scale, bool has_w, bool has_g, double twoF) {
-        run_kernel(false, V, W, G, alpha, n, heads, ptrs, lens, caps, begin, end, status, do_scale, has_w, has_g, twoF);
-    });
+    mod.doc() = "revsgd kernels: shift, momentum and adam of revsgd/kernels/vectorized.py as fused loops";
+    mod.def("shift", &shift, py::arg("st"), py::arg("X"), py::arg("h"), py::arg("rows"), py::arg("forward"));
+    mod.def("momentum", &momentum);
+    mod.def("adam", &adam);
+    mod.def("any_shift", &any_shift);
     mod.def("set_num_threads", [](int k) {
-#ifdef _OPENMP
-        omp_set_num_threads(k);
-#endif
+        if (k < 1) throw py::value_error("number of threads must be at least 1");
+        g_threads.store(k);
     });
-    mod.def("get_num_threads", []() {
-#ifdef _OPENMP
-        return omp_get_max_threads();
-#else
-        return 1;
-#endif
-    });
+    mod.def("get_num_threads", []() { return g_threads.load(); });
+    mod.attr("CHUNK") = CHUNK;
 #ifdef _OPENMP
     mod.attr("openmp") = true;
 #else

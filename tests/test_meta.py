@@ -110,6 +110,7 @@ def test_killed_process_resumes_exactly(tmp_path):
     for out, path in (("k", ck), ("ref", tmp_path / "ref.pt")):
         q = demo(out, path, target)
         assert q.wait() == 0, q.stderr.read().decode()
+    assert not list(tmp_path.glob("*.tmp*"))  # a temp file the kill may have left behind is gone after resuming
     a = torch.load(tmp_path / "ref.pt", weights_only=True)
     b = torch.load(ck, weights_only=True)
     assert a["iteration"] == b["iteration"] == target

@@ -1,4 +1,10 @@
-"""C++ kernels (``revsgd._cpp``, built from csrc/kernels.cpp): the reference semantics, OpenMP over chunks."""
+"""C++ kernels (``revsgd._cpp``, built from csrc/kernels.cpp): :mod:`revsgd.kernels.vectorized` as fused loops.
+
+Per call, Python only plans the tape (:meth:`TapeStorage.plan`, skipped when no group shifts), runs the kernel and
+commits the counters. The kernel checks its arguments (dtypes, lengths, the row plan against the word buffer),
+runs the chunks (OpenMP when there are several), and on a failing lane undoes the finished lanes itself and
+returns ``(code, lowest failing lane)``: nothing was changed and nothing was committed.
+"""
 from __future__ import annotations
 
 try:
@@ -8,17 +14,61 @@ except ImportError:
 else:
     available = True
 
-from ._args import kernel_args
+from ..core.tapeformat import HostArrays
+from .vectorized import KernelError
 
 name = "cpp"
+arrays = HostArrays
+CHUNK = _cpp.CHUNK if available else 16384
+
+_NO_ROWS = (None, None, None)
 
 
-def forward(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status) -> None:
-    _cpp.forward(*kernel_args(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status))
+def _plan(st, h, push: bool):
+    """Row offsets of a shift by ``h`` bits per group, or None when no group shifts (then no tape work at all)."""
+    return st.plan(h, push) if _cpp.any_shift(h) else None
 
 
-def reverse(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status) -> None:
-    _cpp.reverse(*kernel_args(st, V, W, G, alpha, n, do_scale, frac_bits, begin, end, status))
+def _commit(st, h, push: bool, rows) -> None:
+    if rows is None:
+        st.depth += 1 if push else -1   # TapeStorage.commit of an all-zero shift: only the depth changes
+    else:
+        st.commit(h, push)
+
+
+def shift(st, X, h, forward) -> None:
+    rows = _plan(st, h, forward)
+    r = _cpp.shift(st, X, h, rows, forward)
+    if r is not None:
+        raise KernelError(*r)
+    _commit(st, h, forward, rows)
+
+
+def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
+    h = prm.h
+    rows = _plan(st, h, forward) if state else None
+    r = _cpp.momentum(st, V, W, G, P, prm, rows, forward, state, position)
+    if r is not None:
+        raise KernelError(*r)
+    if state:
+        _commit(st, h, forward, rows)
+
+
+def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
+    stm, sts, stw = tapes
+    if state:
+        rm, rs = _plan(stm, prm.h1, forward), _plan(sts, prm.h2, forward)
+    else:
+        rm = rs = None
+    rw = _plan(stw, prm.hw, forward) if position and stw is not None else None
+    r = _cpp.adam(tapes, M, S, W, G, P, prm, (rm, rs, rw), forward, state, position)
+    if r is not None:
+        raise KernelError(*r)
+    if state:
+        _commit(stm, prm.h1, forward, rm)
+        _commit(sts, prm.h2, forward, rs)
+    if position and stw is not None:
+        _commit(stw, prm.hw, forward, rw)
 
 
 def set_num_threads(k: int) -> None:

@@ -6,19 +6,27 @@ returns the losses, params0, lr, momentum and hypers of one training run whose m
 to the free tensors with torch autograd, takes one optimiser step (Adam by default), appends a record and writes
 a checkpoint (free tensors + optimiser state + records, readable with ``torch.load(weights_only=True)``),
 atomically, so a run killed at any moment resumes exactly where its last finished meta-iteration left it.
+Checkpoints carry a SHA-256 of their whole content and are validated in full before anything is loaded; a bad
+one raises :class:`~revsgd.meta.checkpoint.CheckpointError` and leaves the trainer as it was (see
+:mod:`revsgd.meta.checkpoint`).
 """
 from __future__ import annotations
 
+import collections
+import copy
+import operator
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..frontend.functional import hypergrad
+from . import checkpoint as ckpt
+from .checkpoint import CHECKPOINT_VERSION, CheckpointError
 
-CHECKPOINT_VERSION = 1
+__all__ = ["CHECKPOINT_VERSION", "CheckpointError", "MetaSpec", "MetaTrainer"]
 
 
 @dataclass
@@ -31,7 +39,8 @@ class MetaSpec:
     momentum: torch.Tensor
     hypers: dict = field(default_factory=dict)
     evaluate: Optional[Callable[[dict], dict]] = None   # final params -> extra metrics (floats) for the record;
-    # by default the record's "train_loss" is the final params' loss on the last step's minibatch
+    # by default the record's "train_loss" is the final params' loss on the last step's minibatch (evaluate may
+    # replace it and "val_loss", not the trainer's own fields: iteration, seed, hypergrad_norms, tape_bytes, seconds*)
 
 
 class MetaTrainer:
@@ -41,7 +50,9 @@ class MetaTrainer:
         build: ``seed -> MetaSpec``; called once per meta-iteration with ``seed = seed0 + iteration``.
         free: dict name -> leaf Tensor (requires_grad) read by ``build``.
         optimizer: factory ``params -> torch.optim.Optimizer`` (default: Adam with ``meta_lr``).
-        checkpoint: path of the checkpoint file; with ``resume=True`` an existing one is continued.
+        checkpoint: path of the checkpoint file; with ``resume=True`` an existing one is continued (a corrupt or
+            mismatching one raises :class:`CheckpointError`). Temporary files of this path left by killed
+            processes are removed when the trainer starts and at every save.
         method, hypergrad_options: passed to :func:`revsgd.hypergrad` (``threads`` pins torch's threads).
     """
 
@@ -53,42 +64,61 @@ class MetaTrainer:
         for k, v in free.items():
             if not isinstance(v, torch.Tensor) or not v.requires_grad or not v.is_leaf:
                 raise TypeError(f"free[{k!r}] must be a leaf Tensor with requires_grad=True")
+        if isinstance(seed0, bool) or not hasattr(type(seed0), "__index__"):
+            raise TypeError(f"seed0 must be an int, got {seed0!r}")
+        seed0 = int(operator.index(seed0))  # a plain int (not e.g. numpy's): checkpoints hold Python scalars only
         self.build, self.free, self.method = build, free, method
         self.seed0, self.progress, self.options = seed0, progress, hypergrad_options
         self.opt = (optimizer or (lambda ps: torch.optim.Adam(ps, lr=meta_lr)))(list(free.values()))
         self.checkpoint = checkpoint
         self.iteration = 0
         self.records: list[dict] = []
-        if checkpoint is not None and resume and os.path.exists(checkpoint):
-            self.load(checkpoint)
+        if checkpoint is not None:
+            ckpt.remove_stale_temps(checkpoint)
+            if resume and os.path.exists(checkpoint):
+                self.load(checkpoint)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed0": self.seed0,
-                "free": {k: v.detach().clone() for k, v in self.free.items()},
-                "optimizer": self.opt.state_dict(), "records": self.records}
+        """A sealed snapshot of the trainer (tensors copied, ``"sha256"`` set): what :meth:`save` writes."""
+        return ckpt.seal({"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed0": self.seed0,
+                          "free": {k: v.detach().clone() for k, v in self.free.items()},
+                          "optimizer": _clone_tensors(self.opt.state_dict()),
+                          "records": copy.deepcopy(self.records)})
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or this one, never half of one
+        """Write :meth:`state_dict` to ``path`` atomically (a kill leaves the previous checkpoint or this one, never
+        half of one; an exception leaves no temporary file)."""
+        ckpt.write(self.state_dict(), path)
 
     def load(self, path: str) -> None:
-        st = torch.load(path, weights_only=True)
-        if st.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: unsupported checkpoint version {st.get('version')!r}")
-        if set(st["free"]) != set(self.free):
-            raise ValueError(f"{path}: checkpoint holds free tensors {sorted(st['free'])}, "
-                             f"this run has {sorted(self.free)}")
-        for k, v in st["free"].items():
-            if v.shape != self.free[k].shape:
-                raise ValueError(f"{path}: free[{k!r}] has shape {tuple(v.shape)} in the checkpoint, "
-                                 f"{tuple(self.free[k].shape)} here")
-        with torch.no_grad():
-            for k, v in st["free"].items():
-                self.free[k].copy_(v)
-        self.opt.load_state_dict(st["optimizer"])
-        self.iteration, self.seed0, self.records = int(st["iteration"]), int(st["seed0"]), list(st["records"])
+        """Continue from the checkpoint at ``path``: all or nothing.
+
+        The file is read, its checksum verified and every field validated against this trainer before anything is
+        changed; then free tensors and optimiser state are committed, and restored if that fails. On any error the
+        free tensors, optimiser state, iteration, seed0 and records are exactly as before, and a problem with the
+        file raises :class:`CheckpointError` naming the file and the field.
+        """
+        st = ckpt.read(path)
+        ckpt.validate(st, path, free=self.free, optimizer=self.opt)
+        free_before = {k: v.detach().clone() for k, v in self.free.items()}
+        opt_before = _optimizer_snapshot(self.opt)
+        try:
+            self.opt.load_state_dict(st["optimizer"])
+            with torch.no_grad():
+                for k, v in st["free"].items():
+                    self.free[k].copy_(v)
+        except BaseException as e:
+            vars(self.opt).clear()
+            vars(self.opt).update(opt_before)
+            with torch.no_grad():
+                for k, v in free_before.items():
+                    self.free[k].copy_(v)
+            if isinstance(e, Exception):
+                raise CheckpointError(f"{path}: committing the checkpoint to this trainer failed "
+                                      f"({type(e).__name__}: {e}); nothing was loaded") from e
+            raise
+        self.iteration, self.seed0, self.records = st["iteration"], st["seed0"], st["records"]
 
     # --- the loop ------------------------------------------------------------------------------------------
     def step(self) -> dict:
@@ -121,7 +151,12 @@ class MetaTrainer:
             rec["train_loss"] = float(spec.train_loss(res.params, {k: v.detach() for k, v in spec.hypers.items()},
                                                       spec.lr.shape[0] - 1))
         if spec.evaluate is not None:
-            rec.update({k: float(v) for k, v in spec.evaluate(res.params).items()})
+            extra = {k: float(v) for k, v in spec.evaluate(res.params).items()}
+            clash = sorted(k for k in extra if not isinstance(k, str) or k in ckpt.RECORD_RESERVED)
+            if clash:
+                raise ValueError(f"evaluate must return str-named metrics other than {sorted(ckpt.RECORD_RESERVED)}"
+                                 f", got {clash}")
+            rec.update(extra)
         self.opt.step()
         rec["seconds"] = time.perf_counter() - t0
         self.records.append(rec)
@@ -148,3 +183,24 @@ class MetaTrainer:
         if bar is not None:
             bar.close()
         return self.records
+
+
+def _clone_tensors(obj: Any) -> Any:
+    """``obj`` (nested dicts / lists / tuples) with every tensor cloned: a snapshot later steps cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_tensors(v) for v in obj)
+    return obj
+
+
+def _optimizer_snapshot(opt: torch.optim.Optimizer) -> dict:
+    """The optimiser's attributes, with its state and parameter groups copied (parameters themselves shared), so
+    that ``vars(opt).update(snapshot)`` undoes whatever ``load_state_dict`` rebound or changed in place."""
+    snap = dict(vars(opt))
+    snap["state"] = collections.defaultdict(dict, {p: _clone_tensors(s) for p, s in opt.state.items()})
+    snap["param_groups"] = [{k: (list(v) if k == "params" else _clone_tensors(v)) for k, v in g.items()}
+                            for g in opt.param_groups]
+    return snap

@@ -1,0 +1,138 @@
+"""Randomness as a function of the step: dropout and random augmentations that are pure functions of (seed, t).
+
+A reversible run evaluates step t's training loss twice (forward, then replaying the run backwards); both
+evaluations must draw the same random numbers. :func:`seeded` runs a block under torch's global RNG seeded from
+(seed, t) and restores the caller's RNG state afterwards; :func:`step_seeded` wraps a training loss so that every
+call at step t runs under ``seeded(seed, t)``.
+
+Seed derivation (:func:`step_seed`): the words of ``np.random.SeedSequence(seed, spawn_key=(DOMAIN, t))`` --
+the child of ``SeedSequence(seed)`` with spawn key ``(DOMAIN, t)``, where ``DOMAIN`` = 0x72657673 (b"revs") --
+so nearby (seed, t) pairs get decorrelated seeds, no two (seed, t) pairs alias (unlike the flat entropy list
+``[seed, t]``, whose words are concatenated), and the streams differ from ``default_rng([seed, e])``, the data order
+of :class:`~revsgd.frontend.data.StepSampler` for the same seed. Torch's CPU generator (MT19937) only uses the low
+32 bits of its seed, so over ~10⁵ steps two steps may share the same CPU random stream; that is harmless here.
+
+Only torch's generators (CPU, and the CUDA devices listed) are reseeded by default. NumPy's global RNG
+(``np.random.rand``...) and Python's ``random`` module are reseeded only with ``host_rngs=True``, which costs
+~120 µs per call (saving and restoring their 624-word states); otherwise derive those from t yourself, e.g.
+``np.random.default_rng(step_seed(seed, t))``. ``np.random.Generator`` / ``torch.Generator`` objects you create are
+never touched: seed them from t. The global RNG state is process-wide, so do not draw from it in other threads
+while a block runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from .data import as_step
+
+__all__ = ["DOMAIN", "step_seed", "seeded", "step_seeded", "is_step_seeded"]
+
+DOMAIN = 0x72657673   # b"revs": the first spawn-key word, separating these streams from other uses of the seed
+DeviceLike = Union[int, str, torch.device]
+
+
+def _words(seed: int, t: int, n: int) -> np.ndarray:
+    return np.random.SeedSequence(seed, spawn_key=(DOMAIN, t)).generate_state(n, np.uint32)
+
+
+def step_seed(seed: int, t: int) -> int:
+    """The 64-bit seed of step t (a pure function of (seed, t)): the first two words of
+    ``SeedSequence(seed, spawn_key=(DOMAIN, t))``, low word first. ``seeded(seed, t)`` seeds torch with it."""
+    w = _words(as_step(seed, "seed"), as_step(t), 2)
+    return int(w[0]) | (int(w[1]) << 32)
+
+
+def _cuda_devices(devices: Optional[Iterable[DeviceLike]]) -> list:
+    """CUDA device indices to fork and reseed. ``None``: all visible devices when CUDA is available, else none.
+    CPU entries are accepted and skipped (the CPU generator is always included)."""
+    if devices is None:
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    if isinstance(devices, (int, str, torch.device)):
+        raise TypeError(f"devices must be a list of devices, got a single {type(devices).__name__}: "
+                        f"write devices=[{devices!r}]")
+    out: list = []
+    for d in devices:
+        if isinstance(d, bool):
+            raise TypeError(f"devices must hold ints, strings or torch.device, got {d!r}")
+        if isinstance(d, (int, np.integer)):
+            dev = torch.device("cuda", int(d))
+        elif isinstance(d, (str, torch.device)):
+            dev = torch.device(d)
+        else:
+            raise TypeError(f"devices must hold ints, strings or torch.device, got {type(d).__name__} ({d!r})")
+        if dev.type == "cpu":
+            continue
+        if dev.type != "cuda":
+            raise ValueError(f"seeded() forks the CPU and CUDA generators only, got device {dev}")
+        if not torch.cuda.is_available():
+            raise ValueError(f"devices lists {dev}, but CUDA is not available")
+        i = torch.cuda.current_device() if dev.index is None else dev.index
+        if not 0 <= i < torch.cuda.device_count():
+            raise ValueError(f"no CUDA device {i}: {torch.cuda.device_count()} visible")
+        if i not in out:
+            out.append(i)
+    return out
+
+
+@contextlib.contextmanager
+def seeded(seed: int, t: int, devices: Optional[Iterable[DeviceLike]] = None, *,
+           host_rngs: bool = False) -> Iterator[int]:
+    """Run the block under torch's global RNG seeded from (seed, t); restore the caller's RNG state afterwards.
+
+    Inside the block every draw from the global generators (``torch.rand*``, dropout, random crops...) is a pure
+    function of (seed, t) and of the draws before it in the block. The CPU generator and the CUDA generators of
+    ``devices`` (default: all visible devices when CUDA is available, none otherwise; list the devices of the
+    tensors involved to keep it cheap) are forked with ``torch.random.fork_rng``, all seeded with
+    :func:`step_seed` ``(seed, t)``, and restored on exit (also on an exception), so the caller's stream continues
+    as if the block had not run. Blocks nest. ``host_rngs=True`` also reseeds, and restores, NumPy's global RNG
+    and Python's ``random`` (from further words of the same SeedSequence; ~120 µs more). Yields the torch seed.
+    """
+    seed, t = as_step(seed, "seed"), as_step(t)
+    cuda = _cuda_devices(devices)
+    w = _words(seed, t, 6 if host_rngs else 2)
+    s = int(w[0]) | (int(w[1]) << 32)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
+        torch.default_generator.manual_seed(s)
+        for i in cuda:        # fork_rng has initialised CUDA; seed only the listed devices (torch.manual_seed: all)
+            torch.cuda.default_generators[i].manual_seed(s)
+        if host_rngs:
+            py_state, np_state = random.getstate(), np.random.get_state()
+            stack.callback(np.random.set_state, np_state)
+            stack.callback(random.setstate, py_state)
+            np.random.seed(w[2:4])
+            random.seed(int(w[4]) | (int(w[5]) << 32))
+        yield s
+
+
+TrainLoss = Callable[[Any, Any, int], Any]
+
+
+def step_seeded(train_loss: TrainLoss, seed: int, *, devices: Optional[Iterable[DeviceLike]] = None,
+                host_rngs: bool = False) -> TrainLoss:
+    """``(params, hypers, t) -> train_loss(params, hypers, t)`` run under ``seeded(seed, t, devices)``: a loss
+    with dropout or random augmentation becomes a pure function of (params, hypers, t). Keeps the wrapped
+    function's name and docstring (``functools.wraps``); :func:`is_step_seeded` recognises the result."""
+    if not callable(train_loss):
+        raise TypeError(f"train_loss must be callable, got {type(train_loss).__name__}")
+    seed = as_step(seed, "seed")
+    cuda = None if devices is None else _cuda_devices(devices)
+
+    @functools.wraps(train_loss)
+    def stepped(params: Any, hypers: Any, t: int) -> Any:
+        with seeded(seed, t, cuda, host_rngs=host_rngs):
+            return train_loss(params, hypers, t)
+
+    stepped.__revsgd_step_seed__ = seed  # type: ignore[attr-defined]
+    return stepped
+
+
+def is_step_seeded(fn: Callable) -> bool:
+    """Whether ``fn`` came from :func:`step_seeded` (so the front end does not wrap it twice)."""
+    return hasattr(fn, "__revsgd_step_seed__")

@@ -1,0 +1,371 @@
+"""The reversible-optimiser protocol (docs/design.md §5).
+
+An optimiser is reversible in fixed point when every state update is either an integer addition of a value computed
+from state still known at undo time (undo: subtract the same integer) or a decay (undo: the tape gives back the bits
+the decay's exact shifts removed). A :class:`ReversibleOptimizer` provides
+
+- the exact side: ``exact_step`` (state then position), ``exact_undo_position`` (W_{t+1} → W_t, from the state at
+  t+1) and ``exact_undo_state`` (state_{t+1} → state_t, given g_t = ∇L(w_t)), on int64 tensors through the kernels;
+- the float side: ``float_step`` (one differentiable torch step, for the stored-state methods and naive autograd) and
+  ``adjoint`` (its vector-Jacobian product; the default derives it with autograd from ``float_step``).
+
+The engine never looks inside: it recovers (w_t, state_t, g_t) and (w_{t+1}, state_{t+1}) — exactly, or from storage —
+and chains the adjoints; the adjoint of g_t goes through one Hessian-vector product of the loss. Adding an optimiser
+means writing these methods (the exact ones may use :meth:`ExactState.shift` and :meth:`ExactState.add`, which work on
+every backend), nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..core.fixed import (DEFAULT_FRAC_BITS, MIN_FRAC_BITS, check_factors, check_frac_bits, decay_scales,
+                          fixed_range)
+from ..core.tapeformat import TapeStorage
+
+_TWO63 = 2.0**63
+
+
+class Schedules:
+    """Per-step hyperparameters of one run: name → float64 array of shape (T,) (one value per step) or (T, G) (one
+    per step and parameter group). Values per lane on demand; per-lane contributions reduced per step and group."""
+
+    def __init__(self, values: dict, sizes: np.ndarray, device: torch.device):
+        self.host = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in values.items()}
+        T = {v.shape[0] for v in self.host.values()}
+        if len(T) != 1:
+            raise ValueError(f"every schedule needs the same number of steps, got { {k: v.shape[0] for k, v in self.host.items()} }")
+        self.T = T.pop()
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.G = int(self.sizes.shape[0])
+        self.device = device
+        self.per_group = any(v.ndim == 2 for v in self.host.values())
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self._lengths = torch.from_numpy(self.sizes).to(device)
+        self._gid = torch.repeat_interleave(torch.arange(self.G, device=device), self._lengths)
+        self._dev: dict[str, torch.Tensor] = {}
+
+    def dev(self, name: str) -> torch.Tensor:
+        d = self._dev.get(name)
+        if d is None:
+            d = self._dev[name] = torch.from_numpy(self.host[name]).to(self.device)
+        return d
+
+    def at(self, name: str, t: int):
+        """Step t's value: a float (one value per step) or a (L,) float64 tensor (per group, expanded to lanes)."""
+        v = self.host[name]
+        if v.ndim == 1:
+            return float(v[t])
+        return self.dev(name)[t][self._gid]
+
+    def groups(self, name: str, t: int) -> np.ndarray:
+        """Step t's value per kernel group, shape (G,) (a (T,) schedule broadcast when the tape has G groups)."""
+        v = self.host[name][t]
+        return np.broadcast_to(v, (self.G,)) if v.ndim == 0 else v
+
+    def reduce(self, parts: dict, t: int, into: dict) -> None:
+        """Add each per-lane contribution's sum to ``into[name][t]``: over all lanes where ``into[name]`` is (T,),
+        per group where it is (T, G) (one segmented reduction for all of those)."""
+        grp = []
+        for k, v in parts.items():
+            if v is None:
+                continue
+            if into[k].dim() == 1:
+                into[k][t] += v.sum() if isinstance(v, torch.Tensor) and v.dim() else v
+            else:
+                grp.append(k)
+        if grp:
+            stacked = torch.stack([parts[k].expand(self._gid.shape) for k in grp], 1)      # (L, K)
+            sums = torch.segment_reduce(stacked, "sum", lengths=self._lengths, axis=0)     # (G, K)
+            for i, k in enumerate(grp):
+                into[k][t] += sums[:, i]
+
+    def zeros(self) -> dict:
+        return {k: torch.zeros(v.shape, dtype=torch.float64, device=self.device) for k, v in self.host.items()}
+
+
+@dataclass
+class Decay:
+    """A decaying state x_t = e_t·X̂_t·2^-F (docs/design.md §3): the scales e (T+1, G) and shifts h (T, G)."""
+    e: np.ndarray
+    h: np.ndarray
+
+    @classmethod
+    def of(cls, factors: np.ndarray, G: int, name: str) -> "Decay":
+        f = check_factors(factors, name)
+        if f.ndim == 1:
+            e, h = decay_scales(f)
+            return cls(np.repeat(e[:, None], G, 1), np.repeat(h[:, None], G, 1))
+        e, h = decay_scales(f)
+        return cls(e, h)
+
+    @classmethod
+    def none(cls, T: int, G: int) -> "Decay":
+        return cls(np.ones((T + 1, G)), np.zeros((T, G), dtype=np.int64))
+
+
+class ExactState:
+    """Integer state of one exact run on the params' device: params ``W``, optimiser states ``X[name]`` (rescaled by
+    their decays), one tape per decaying state, and ``P`` — the model-dtype params the loss reads, written by the
+    kernels. ``frac[name]`` are the fractional bits (``"params"`` for W). Operations are serialised by a lock."""
+
+    def __init__(self, w0: torch.Tensor, P: torch.Tensor, states: dict, frac: dict, decaying: tuple,
+                 offsets: np.ndarray, backend: Optional[str]):
+        self.be = kernels.get_backend(backend)
+        if P.device.type != "cpu" and self.be.name != "torch":
+            raise ValueError(f"backend {self.be.name!r} runs on the CPU only; params live on {P.device}: use "
+                             f"backend='torch'")
+        self.device = P.device
+        self.frac = dict(frac)
+        self.W = _to_fixed_t(w0, self.frac["params"], "params0")
+        self.X = {k: (torch.zeros_like(self.W) if v is None else _to_fixed_t(v, self.frac[k], k))
+                  for k, v in states.items()}
+        arrays = self.be.arrays if self.be.name != "torch" else type(self.be.arrays)(self.device)
+        self.tapes = {k: TapeStorage(int(self.W.shape[0]), offsets, arrays) for k in decaying}
+        self.P = P
+        self.start = (self.W.clone(), {k: v.clone() for k, v in self.X.items()})
+        self.lock = threading.Lock()
+        self._host = self.be.name != "torch"
+        if self._host:   # zero-copy NumPy views for the CPU backends, made once
+            self.W_ = self.W.numpy()
+            self.X_ = {k: v.numpy() for k, v in self.X.items()}
+            self.P_ = P.detach().numpy()
+
+    def arr(self, t: torch.Tensor):
+        """The array a kernel takes for tensor ``t`` (a NumPy view on the CPU backends)."""
+        return t.detach().numpy() if self._host else t
+
+    def view(self, name: str):
+        if name == "params":
+            return self.W_ if self._host else self.W
+        return self.X_[name] if self._host else self.X[name]
+
+    @property
+    def P_arr(self):
+        return self.P_ if self._host else self.P.detach()
+
+    def tape_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tapes.values())
+
+    def info_bits(self) -> int:
+        return sum(t.info_bits for t in self.tapes.values())
+
+    def at_start(self) -> tuple[bool, list]:
+        """(everything back at the start bit for bit, names of what differs)."""
+        bad = [] if torch.equal(self.W, self.start[0]) else ["params"]
+        bad += [k for k, v in self.X.items() if not torch.equal(v, self.start[1][k])]
+        bad += [f"tape of {k}" for k, t in self.tapes.items() if not t.at_start()]
+        return not bad, bad
+
+    # --- primitives for optimisers without fused kernels ---------------------------------------------------
+    def shift(self, name: str, h: np.ndarray, forward: bool) -> None:
+        """Decay step of state ``name`` (``"params"`` for W): X >>= h per group with the bits on its tape, or the
+        exact inverse."""
+        kernels.shift(self.be, self.tapes[name], self.view(name), np.asarray(h, dtype=np.int64), forward,
+                      name=name, frac_bits=self.frac[name])
+
+    def add(self, name: str, u: torch.Tensor, sign: int) -> None:
+        """X[name] += sign·rint(u·2^F) on every lane, all or nothing (OverflowError / NonFiniteError)."""
+        X = self.W if name == "params" else self.X[name]
+        y = u.to(torch.float64) * 2.0 ** self.frac[name]
+        if not bool(torch.isfinite(u).all()):
+            raise _nonfinite(name)
+        if not bool(((y >= -_TWO63) & (y < _TWO63)).all()):
+            raise OverflowError(f"the update of {name} leaves the fixed-point range {fixed_range(self.frac[name])}; "
+                                f"nothing was changed")
+        d = torch.round(y).to(torch.int64) * sign
+        Y = X + d
+        if bool((((X ^ Y) & (d ^ Y)) < 0).any()):
+            raise OverflowError(f"{name} leaves the fixed-point range {fixed_range(self.frac[name])}; nothing was "
+                                f"changed")
+        X.copy_(Y)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """All or nothing for a sequence of primitives: on an exception, ``undo`` callbacks registered with
+        :meth:`on_abort` run in reverse order (each primitive is exactly invertible)."""
+        self._undo: list = []
+        try:
+            yield self
+        except BaseException:
+            for f in reversed(self._undo):
+                f()
+            raise
+        finally:
+            self._undo = []
+
+    def on_abort(self, f: Callable[[], None]) -> None:
+        self._undo.append(f)
+
+    def float_params(self) -> torch.Tensor:
+        return self.W.to(torch.float64) * 2.0 ** -self.frac["params"]
+
+
+def _nonfinite(name):
+    from ..core.fixed import NonFiniteError
+    return NonFiniteError(f"the update of {name} holds NaN or inf; nothing was changed")
+
+
+def _to_fixed_t(x: torch.Tensor, frac: int, name: str) -> torch.Tensor:
+    from ..core.fixed import to_fixed
+    return torch.from_numpy(to_fixed(x.detach().to(torch.float64).cpu().numpy(), frac, name=name)).to(x.device)
+
+
+class ReversibleOptimizer:
+    """Base class: schedules, fractional bits, and the default (autograd) adjoint. Subclasses define
+
+    - ``name``, ``schedule_names`` (per-step hypers the user passes), ``state_names`` (float states), ``decays``
+      (state → schedule name of its decay factor, or a callable (Schedules) → factors);
+    - ``check(schedules)`` (ranges), ``derived(sched) -> dict`` (per-step quantities computed from the schedules
+      with differentiable torch ops, e.g. bias corrections: their adjoints flow back to the schedules by autograd);
+    - ``exact_step``, ``exact_undo_position``, ``exact_undo_state`` (optional: without them ``method="exact"`` is
+      refused with the reason in ``exact_refusal``);
+    - ``float_step(w, st, g, hp)`` → (w', st') and optionally ``adjoint``.
+    """
+    name = "base"
+    schedule_names: tuple = ()
+    state_names: tuple = ()
+    default_frac: dict = {}
+    exact_refusal: Optional[str] = None
+    decay_names: dict = {}
+
+    def __init__(self, frac_bits: Optional[dict] = None):
+        fb = {"params": DEFAULT_FRAC_BITS, **self.default_frac}
+        if frac_bits is not None:
+            if isinstance(frac_bits, (int, np.integer)) and not isinstance(frac_bits, bool):
+                frac_bits = {k: frac_bits for k in fb}
+            if not isinstance(frac_bits, dict):
+                raise TypeError(f"frac_bits must be an int or a dict of state name -> int, got "
+                                f"{type(frac_bits).__name__}")
+            unknown = set(frac_bits) - set(fb)
+            if unknown:
+                raise ValueError(f"frac_bits names unknown state(s) {sorted(unknown)}; {self.name} has {sorted(fb)}")
+            fb.update(frac_bits)
+        self.frac = {k: check_frac_bits(v, name=f"frac_bits[{k!r}]", lo=MIN_FRAC_BITS) for k, v in fb.items()}
+
+    # --- schedules -----------------------------------------------------------------------------------------
+    def check(self, sch: Schedules) -> None:
+        """Raise ValueError for out-of-range schedule values (subclasses)."""
+
+    def derived(self, sch: dict) -> dict:
+        """Per-step quantities derived from the schedule tensors (differentiable); default none."""
+        return {}
+
+    def decay_factors(self, sch: Schedules) -> dict:
+        """state name → factors (T,) or (T, G) of its decay (subclasses)."""
+        return {}
+
+    def prepare(self, sch: Schedules, exact: bool) -> "Plan":
+        """What the steps need, computed once: derived values and (exact) the decays of the rescaled states."""
+        self.check(sch)
+        dec = {k: Decay.of(f, sch.G, self.decay_names.get(k, k)) for k, f in self.decay_factors(sch).items()} \
+            if exact else {}
+        with torch.no_grad():
+            der = {k: v.cpu().numpy() for k, v in self.derived(
+                {k: torch.from_numpy(v) for k, v in sch.host.items()}).items()}
+        return Plan(dec, der, sch)
+
+    def hypers_at(self, sch: Schedules, der_dev: dict, t: int) -> dict:
+        """Step t's hyper values (floats or per-lane tensors), schedules and derived quantities."""
+        hp = {k: sch.at(k, t) for k in sch.host}
+        for k, v in der_dev.items():
+            x = v[t]
+            hp[k] = float(x) if x.dim() == 0 else x[sch._gid]
+        return hp
+
+    # --- float side ----------------------------------------------------------------------------------------
+    def float_init(self, w0: torch.Tensor, v0: Optional[dict] = None) -> dict:
+        return {k: (torch.zeros_like(w0) if v0 is None or v0.get(k) is None else v0[k].to(w0)) for k in
+                self.state_names}
+
+    def float_step(self, w, st: dict, g, hp: dict, t: int):
+        raise NotImplementedError
+
+    def adjoint(self, t: int, w, st: dict, g, w1, st1: dict, dw, dst: dict, hp: dict):
+        """VJP of ``float_step`` at (w, st, g) with cotangents (dw, dst) of its outputs. Returns (dw, dst, dg, dhp)
+        where dhp maps hyper names (schedules or derived) to per-lane contributions (or None).
+
+        Default: autograd through ``float_step`` (correct for any optimiser; built-ins override it with closed
+        forms, which are several times cheaper)."""
+        with torch.enable_grad():
+            w_ = w.detach().requires_grad_()
+            st_ = {k: v.detach().requires_grad_() for k, v in st.items()}
+            g_ = g.detach().to(torch.float64).requires_grad_()
+            hp_ = {k: (torch.as_tensor(v, dtype=torch.float64, device=w.device).detach().requires_grad_())
+                   for k, v in hp.items()}
+            w1_, st1_ = self.float_step(w_, st_, g_, hp_, t)
+            outs = [w1_] + [st1_[k] for k in self.state_names]
+            cots = [dw] + [dst[k] for k in self.state_names]
+            ins = [w_, g_] + [st_[k] for k in self.state_names] + list(hp_.values())
+            grads = torch.autograd.grad(outs, ins, cots, allow_unused=True)
+        z = lambda x, like: torch.zeros_like(like) if x is None else x  # noqa: E731
+        dw0, dg = z(grads[0], w), z(grads[1], w)
+        n = len(self.state_names)
+        dst0 = {k: z(grads[2 + i], w) for i, k in enumerate(self.state_names)}
+        dhp = {}
+        for (k, v), d in zip(hp.items(), grads[2 + n:]):
+            if d is None:
+                dhp[k] = None
+            elif isinstance(v, torch.Tensor) and v.dim():
+                dhp[k] = d
+            else:   # a scalar hyper: its per-lane contribution is not needed, only the sum
+                dhp[k] = d.reshape(())
+        return dw0, dst0, dg, dhp
+
+    # --- exact side ----------------------------------------------------------------------------------------
+    @property
+    def supports_exact(self) -> bool:
+        return self.exact_refusal is None and type(self).exact_step is not ReversibleOptimizer.exact_step
+
+    def exact_init(self, w0: torch.Tensor, P: torch.Tensor, plan: "Plan", backend: Optional[str],
+                   state0: Optional[dict] = None) -> ExactState:
+        return ExactState(w0, P, {k: None if state0 is None else state0.get(k) for k in self.state_names},
+                          self.frac, tuple(plan.decay), plan.sch.offsets, backend)
+
+    def exact_step(self, ex: ExactState, g, t: int, plan: "Plan") -> None:
+        raise NotImplementedError
+
+    def exact_undo_position(self, ex: ExactState, t: int, plan: "Plan") -> None:
+        raise NotImplementedError
+
+    def exact_undo_state(self, ex: ExactState, g, t: int, plan: "Plan") -> None:
+        raise NotImplementedError
+
+    def exact_floats(self, ex: ExactState, t: int, plan: "Plan") -> tuple:
+        """(w_t, {state: value_t}) as float64 tensors from the integer state at step t: the true values, i.e. the
+        rescaled states times their scales e_t."""
+        w = ex.float_params()
+        if "params" in plan.decay:
+            w = w * plan.lanes(plan.decay["params"].e[t])
+        st = {}
+        for k in self.state_names:
+            v = ex.X[k].to(torch.float64) * 2.0 ** -self.frac[k]
+            if k in plan.decay:
+                v = v * plan.lanes(plan.decay[k].e[t])
+            st[k] = v
+        return w, st
+
+
+@dataclass
+class Plan:
+    """What the steps of one run need, computed once (host arrays)."""
+    decay: dict          # state → Decay (exact method only)
+    derived: dict        # name → (T, ...) float64
+    sch: Schedules
+
+    def lanes(self, vals_g: np.ndarray):
+        """Per-group values → a float (one group, or all equal) or a per-lane float64 tensor."""
+        if vals_g.shape[0] == 1 or np.all(vals_g == vals_g[0]):
+            return float(vals_g[0])
+        return torch.from_numpy(np.ascontiguousarray(vals_g)).to(self.sch.device)[self.sch._gid]
+
+    def groups(self, name: str, t: int) -> np.ndarray:
+        """A schedule's or derived value's step-t values per group, shape (G,)."""
+        v = self.derived[name][t] if name in self.derived else self.sch.host[name][t]
+        return np.broadcast_to(v, (self.sch.G,)) if np.ndim(v) == 0 else v

@@ -1,0 +1,208 @@
+"""Momentum optimisers: the 2015 paper's heavy ball, and ``torch.optim.SGD`` (momentum, dampening, weight decay;
+nesterov for the stored-state methods only)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..kernels import MomentumParams
+from .base import ExactState, Plan, ReversibleOptimizer, Schedules
+
+_ZERO = np.zeros(1)
+
+
+def _check_lr(sch: Schedules) -> None:
+    lr = sch.host["lr"]
+    if not np.all(np.isfinite(lr)):
+        raise ValueError("lr holds NaN or inf")
+
+
+def _check_unit(sch: Schedules, name: str, lo_open: bool = False) -> None:
+    v = sch.host[name]
+    ok = (v > 0.0) if lo_open else (v >= 0.0)
+    if not np.all(ok & (v <= 1.0)):
+        bad = v[~(ok & (v <= 1.0))].ravel()[0]
+        raise ValueError(f"{name} must lie in {'(0' if lo_open else '[0'}, 1], got {bad!r}")
+
+
+class HeavyBall(ReversibleOptimizer):
+    """The form of Maclaurin, Duvenaud & Adams (2015)::
+
+        v ← γ v − (1 − γ) g;   w ← w + α v
+
+    Schedules: ``lr`` (α), ``momentum`` (γ ∈ [0, 1]; the exact method needs γ ≥ 2^-15). For a constant γ this is
+    ``torch.optim.SGD(lr=α(1−γ), momentum=γ)`` with the buffer b = −v/(1−γ).
+    """
+    name = "heavyball"
+    schedule_names = ("lr", "momentum")
+    state_names = ("velocity",)
+    default_frac = {"velocity": 52}
+    decay_names = {"velocity": "momentum"}
+
+    def check(self, sch: Schedules) -> None:
+        _check_lr(sch)
+        _check_unit(sch, "momentum")
+
+    def decay_factors(self, sch: Schedules) -> dict:
+        return {"velocity": sch.host["momentum"]}
+
+    def _params(self, plan: Plan, t: int) -> MomentumParams:
+        d = plan.decay["velocity"]
+        e1 = d.e[t + 1]
+        gam = plan.groups("momentum", t)
+        return MomentumParams(d.h[t], -(1.0 - gam) / e1, plan.groups("lr", t) * e1, _ZERO,
+                              self.frac["velocity"], self.frac["params"])
+
+    def exact_step(self, ex: ExactState, g, t: int, plan: Plan) -> None:
+        kernels.momentum(ex.be, ex.tapes["velocity"], ex.view("velocity"), ex.view("params"), ex.arr(g), ex.P_arr,
+                         self._params(plan, t), forward=True, state=True, position=True)
+
+    def exact_undo_position(self, ex: ExactState, t: int, plan: Plan) -> None:
+        kernels.momentum(ex.be, ex.tapes["velocity"], ex.view("velocity"), ex.view("params"), None, ex.P_arr,
+                         self._params(plan, t), forward=False, state=False, position=True)
+
+    def exact_undo_state(self, ex: ExactState, g, t: int, plan: Plan) -> None:
+        kernels.momentum(ex.be, ex.tapes["velocity"], ex.view("velocity"), ex.view("params"), ex.arr(g), None,
+                         self._params(plan, t), forward=False, state=True, position=False)
+
+    def float_step(self, w, st, g, hp, t):
+        gam, a = hp["momentum"], hp["lr"]
+        v = gam * st["velocity"] - (1.0 - gam) * g
+        return w + a * v, {"velocity": v}
+
+    def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
+        gam, a = hp["momentum"], hp["lr"]
+        dv = dst["velocity"] + a * dw
+        dhp = {"lr": dw * st1["velocity"], "momentum": dv * (st["velocity"] + g)}
+        return dw, {"velocity": gam * dv}, -(1.0 - gam) * dv, dhp
+
+
+class SGD(ReversibleOptimizer):
+    """``torch.optim.SGD`` (maximize=False, nesterov=False)::
+
+        g' = g + λ w
+        b ← g'                      at the first step (the buffer starts empty)
+        b ← μ b + (1 − τ) g'        afterwards
+        w ← w − α b
+
+    Schedules: ``lr`` (α), ``momentum`` (μ), ``dampening`` (τ), ``weight_decay`` (λ). A momentum schedule that is all
+    zero is plain SGD (w ← w − α g'), as in torch; the exact method refuses it (nothing decays and the position step
+    needs g_t, i.e. w_t itself: undoing it would mean storing every gradient).
+    """
+    name = "sgd"
+    schedule_names = ("lr", "momentum", "dampening", "weight_decay")
+    defaults = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0}
+    state_names = ("momentum_buffer",)
+    default_frac = {"momentum_buffer": 52}
+    decay_names = {"momentum_buffer": "momentum"}
+    nesterov = False
+    _plain = False
+
+    @property
+    def exact_refusal(self):
+        return ("plain SGD (momentum 0) cannot be reversed exactly: nothing decays, and undoing w ← w − α∇L(w) needs "
+                "the w being recovered; exact reversal would have to store every gradient. Use method='checkpoint' "
+                "or 'replay', or a momentum > 0" if self._plain else None)
+
+    def check(self, sch: Schedules) -> None:
+        _check_lr(sch)
+        mu = sch.host["momentum"]
+        if not np.all(np.isfinite(mu) & (mu >= 0) & (mu <= 1)):
+            raise ValueError(f"momentum must lie in [0, 1], got values in [{np.nanmin(mu)}, {np.nanmax(mu)}]"
+                             if not np.isnan(mu).all() else "momentum holds NaN")
+        if mu.any() and not mu.all():
+            raise ValueError("momentum must be zero at every step (plain SGD) or positive at every step; torch "
+                             "keeps no buffer while momentum is 0, which a schedule cannot switch on and off")
+        self._plain = not mu.any()
+        _check_unit(sch, "dampening")
+        wd = sch.host["weight_decay"]
+        if not np.all(np.isfinite(wd) & (wd >= 0)):
+            raise ValueError("weight_decay must be finite and non-negative")
+
+    def decay_factors(self, sch: Schedules) -> dict:
+        mu = sch.host["momentum"].copy()
+        mu[0] = 1.0                      # the first step fills the (empty) buffer: nothing decays
+        return {"momentum_buffer": mu}
+
+    def _params(self, plan: Plan, t: int) -> MomentumParams:
+        d = plan.decay["momentum_buffer"]
+        e1 = d.e[t + 1]
+        cv = (1.0 / e1) if t == 0 else (1.0 - plan.groups("dampening", t)) / e1
+        return MomentumParams(d.h[t], np.asarray(cv, dtype=np.float64), -plan.groups("lr", t) * e1,
+                              np.ascontiguousarray(plan.groups("weight_decay", t), dtype=np.float64),
+                              self.frac["momentum_buffer"], self.frac["params"])
+
+    def exact_step(self, ex: ExactState, g, t: int, plan: Plan) -> None:
+        kernels.momentum(ex.be, ex.tapes["momentum_buffer"], ex.view("momentum_buffer"), ex.view("params"),
+                         ex.arr(g), ex.P_arr, self._params(plan, t), forward=True, state=True, position=True,
+                         names=("momentum_buffer", "params"))
+
+    def exact_undo_position(self, ex: ExactState, t: int, plan: Plan) -> None:
+        kernels.momentum(ex.be, ex.tapes["momentum_buffer"], ex.view("momentum_buffer"), ex.view("params"), None,
+                         ex.P_arr, self._params(plan, t), forward=False, state=False, position=True,
+                         names=("momentum_buffer", "params"))
+
+    def exact_undo_state(self, ex: ExactState, g, t: int, plan: Plan) -> None:
+        kernels.momentum(ex.be, ex.tapes["momentum_buffer"], ex.view("momentum_buffer"), ex.view("params"),
+                         ex.arr(g), None, self._params(plan, t), forward=False, state=True, position=False,
+                         names=("momentum_buffer", "params"))
+
+    def float_step(self, w, st, g, hp, t):
+        a, mu, tau, lam = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
+        gp = g + lam * w
+        b = st["momentum_buffer"]
+        if self._plain:                      # plain SGD: no buffer
+            return w - a * gp, {"momentum_buffer": b}
+        b1 = gp if t == 0 else mu * b + (1.0 - tau) * gp
+        d = gp + mu * b1 if self.nesterov else b1
+        return w - a * d, {"momentum_buffer": b1}
+
+    def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
+        a, mu, tau, lam = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
+        gp = g + lam * w
+        b, b1 = st["momentum_buffer"], st1["momentum_buffer"]
+        if self._plain:
+            dgp = -a * dw
+            dhp = {"lr": -dw * gp, "momentum": None, "dampening": None, "weight_decay": dgp * w}
+            return dw + lam * dgp, {"momentum_buffer": dst["momentum_buffer"]}, dgp, dhp
+        if self.nesterov:
+            db1 = dst["momentum_buffer"] - (a * mu) * dw
+            dgp = -a * dw
+            dhp = {"lr": -dw * (gp + mu * b1), "momentum": -a * dw * b1}
+        else:
+            db1 = dst["momentum_buffer"] - a * dw
+            dgp = 0.0
+            dhp = {"lr": -dw * b1, "momentum": None}
+        if t == 0:
+            dgp = dgp + db1
+            db = torch.zeros_like(db1)
+            dhp["dampening"] = None
+        else:
+            dgp = dgp + (1.0 - tau) * db1
+            db = mu * db1
+            m = db1 * b
+            dhp["momentum"] = m if dhp["momentum"] is None else dhp["momentum"] + m
+            dhp["dampening"] = -db1 * gp
+        dhp["weight_decay"] = dgp * w
+        return dw + lam * dgp, {"momentum_buffer": db}, dgp, dhp
+
+
+class Nesterov(SGD):
+    """``torch.optim.SGD(nesterov=True)``: w ← w − α (g' + μ b) with b updated as in :class:`SGD`.
+
+    Stored-state methods only: the position step adds α·g_t, and g_t = ∇L(w_t) needs the very w_t being recovered,
+    so no reparametrisation that evaluates the gradient at the same points can undo it without storing per-step
+    information (docs/design.md §5)."""
+    name = "nesterov"
+    nesterov = True
+    exact_refusal = ("nesterov momentum cannot be reversed exactly: its position step adds α·∇L(w_t), which needs "
+                     "the w_t being recovered (an implicit equation); use method='checkpoint', 'replay' or "
+                     "'trajectory', or optimizer='sgd'")
+
+    def check(self, sch: Schedules) -> None:
+        super().check(sch)
+        if self._plain:
+            raise ValueError("nesterov momentum requires a momentum > 0 (as torch.optim.SGD does)")
+        if np.any(sch.host["dampening"] != 0):
+            raise ValueError("nesterov momentum requires zero dampening (as torch.optim.SGD does)")
