@@ -53,8 +53,6 @@ inline bool fix(double y, int64_t &out) {
     return true;
 }
 
-struct NoOut {};  // "no P output" as a template type
-
 // --- the tape -----------------------------------------------------------------------------------------------
 
 struct TapeArgs {           // one tape of the op; on == false: no group shifts (rows is None), no tape work
@@ -177,7 +175,6 @@ int64_t shift_range(const ShiftArgs &A, int64_t a, int64_t b, bool undo, int &er
 struct MomArgs {
     int64_t *V, *W;
     const void *G;
-    void *P;
     const int64_t *off;
     int64_t G_;
     Param cv, cp, lam;
@@ -185,7 +182,7 @@ struct MomArgs {
     TapeArgs T;
 };
 
-template <bool FWD, bool ST, bool PO, bool TP, class GT, class PT>
+template <bool FWD, bool ST, bool PO, bool TP, class GT>
 int64_t mom_seg(const MomArgs &A, int64_t lo, int64_t hi, double cv, double cp, double lam, const Seg &s,
                 int &err) {
     const GT *Gp = static_cast<const GT *>(A.G);
@@ -224,22 +221,19 @@ int64_t mom_seg(const MomArgs &A, int64_t lo, int64_t hi, double cv, double cp, 
             }
             A.V[i] = v;
         }
-        if (PO) {
-            A.W[i] = w;
-            if constexpr (!std::is_same_v<PT, NoOut>) static_cast<PT *>(A.P)[i] = static_cast<PT>(f64(w) * A.ws);
-        }
+        if (PO) A.W[i] = w;
     }
     return hi;
 }
 
-template <bool FWD, bool ST, bool PO, class GT, class PT>
+template <bool FWD, bool ST, bool PO, class GT>
 int64_t mom_range(const MomArgs &A, int64_t a, int64_t b, bool undo, int &err) {
     for (int64_t g = group_of(A.off, A.G_, a), lo = a; lo < b; ++g) {
         const int64_t hi = std::min(b, A.off[g + 1]);
         const double cv = A.cv[g], cp = A.cp[g], lam = A.lam[g];
         const Seg s = ST ? make_seg(A.T, g, A.off[g], FWD, undo) : Seg{};
-        const int64_t stop = s.h != 0 ? mom_seg<FWD, ST, PO, ST, GT, PT>(A, lo, hi, cv, cp, lam, s, err)
-                                      : mom_seg<FWD, ST, PO, false, GT, PT>(A, lo, hi, cv, cp, lam, s, err);
+        const int64_t stop = s.h != 0 ? mom_seg<FWD, ST, PO, ST, GT>(A, lo, hi, cv, cp, lam, s, err)
+                                      : mom_seg<FWD, ST, PO, false, GT>(A, lo, hi, cv, cp, lam, s, err);
         if (stop < hi) return stop;
         lo = hi;
     }
@@ -251,21 +245,20 @@ int64_t mom_range(const MomArgs &A, int64_t a, int64_t b, bool undo, int &err) {
 struct AdamArgs {
     int64_t *M, *S, *W;
     const void *G;
-    void *P;
     const int64_t *off;
     int64_t G_;
-    Param c1, c2, lam, am, as_, sb, eps, cu, ws, ps;
+    Param c1, c2, lam, am, as_, sb, eps, cu, ws;
     double two_fm, two_fs, two_fw;
     TapeArgs Tm, Ts, Tw;
 };
 
-template <bool FWD, bool ST, bool PO, class GT, class PT>
+template <bool FWD, bool ST, bool PO, class GT>
 int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err) {
     const GT *Gp = static_cast<const GT *>(A.G);
     for (int64_t g = group_of(A.off, A.G_, a), lo = a; lo < b; ++g) {
         const int64_t hi = std::min(b, A.off[g + 1]), first = A.off[g];
         const double c1 = A.c1[g], c2 = A.c2[g], lam = A.lam[g], am = A.am[g], as = A.as_[g], sb = A.sb[g],
-                     eps = A.eps[g], cu = A.cu[g], ws = A.ws[g], ps = A.ps[g];
+                     eps = A.eps[g], cu = A.cu[g], ws = A.ws[g];
         const Seg sm = ST ? make_seg(A.Tm, g, first, FWD, undo) : Seg{};
         const Seg ss = ST ? make_seg(A.Ts, g, first, FWD, undo) : Seg{};
         const Seg sw = PO ? make_seg(A.Tw, g, first, FWD, undo) : Seg{};
@@ -323,7 +316,6 @@ int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err)
                     else sw.heads[i] = hw;
                 }
                 A.W[i] = w;
-                if constexpr (!std::is_same_v<PT, NoOut>) static_cast<PT *>(A.P)[i] = static_cast<PT>(f64(w) * ps);
             }
         }
         lo = hi;
@@ -336,10 +328,36 @@ int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err)
 template <class Args>
 using RangeFn = int64_t (*)(const Args &, int64_t, int64_t, bool, int &);
 
-// Runs `run` over every chunk; on error undoes every chunk's finished lanes with `inverse`. Returns None or
-// (code, lowest failing lane).
+// The P output of lanes [a, b): P = f64(W)·scale[group], written only once every lane succeeded (on error the
+// spec leaves P untouched, and its old values need not equal any function of W).
+struct POut {
+    void *P = nullptr;
+    int kind = 2;           // 0 float32, 1 float64, 2 none
+    const int64_t *W = nullptr, *off = nullptr;
+    int64_t G = 0;
+    Param scale;
+};
+
+template <class PT>
+void write_p_range(const POut &O, int64_t a, int64_t b) {
+    PT *P = static_cast<PT *>(O.P);
+    for (int64_t g = group_of(O.off, O.G, a), lo = a; lo < b; ++g) {
+        const int64_t hi = std::min(b, O.off[g + 1]);
+        const double c = O.scale[g];
+        for (int64_t i = lo; i < hi; ++i) P[i] = static_cast<PT>(f64(O.W[i]) * c);
+        lo = hi;
+    }
+}
+
+inline void write_p(const POut &O, int64_t a, int64_t b) {
+    if (O.kind == 0) write_p_range<float>(O, a, b);
+    else if (O.kind == 1) write_p_range<double>(O, a, b);
+}
+
+// Runs `run` over every chunk; on error undoes every chunk's finished lanes with `inverse` and returns (code,
+// lowest failing lane), else writes P and returns None.
 template <class Args>
-py::object drive(const Args &A, int64_t L, RangeFn<Args> run, RangeFn<Args> inverse) {
+py::object drive(const Args &A, int64_t L, RangeFn<Args> run, RangeFn<Args> inverse, const POut &out) {
     const int64_t nch = (L + CHUNK - 1) / CHUNK;
     int bad_code = 0;
     int64_t bad_lane = -1;
@@ -354,6 +372,8 @@ py::object drive(const Args &A, int64_t L, RangeFn<Args> run, RangeFn<Args> inve
                 undo_failed = inverse(A, 0, stop, true, e2) != stop || e2;
                 bad_code = err;
                 bad_lane = stop;
+            } else {
+                write_p(out, 0, L);
             }
         } else {
             std::vector<int64_t> stop(nch);
@@ -374,6 +394,9 @@ py::object drive(const Args &A, int64_t L, RangeFn<Args> run, RangeFn<Args> inve
                     failed[c] = inverse(A, c * CHUNK, stop[c], true, e2) != stop[c] || e2;
                 }
                 for (char f : failed) undo_failed |= f != 0;
+            } else if (out.kind != 2) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+                for (int64_t c = 0; c < nch; ++c) write_p(out, c * CHUNK, std::min(L, (c + 1) * CHUNK));
             }
         }
     }
@@ -488,10 +511,6 @@ auto with_bool(bool b, F &&f) { return b ? f(std::true_type{}) : f(std::false_ty
 template <class F>
 auto with_grad(int kind, F &&f) { return kind == 0 ? f(Tag<float>{}) : f(Tag<double>{}); }
 
-template <class F>
-auto with_out(int kind, F &&f) {
-    return kind == 0 ? f(Tag<float>{}) : kind == 1 ? f(Tag<double>{}) : f(Tag<NoOut>{});
-}
 
 // --- the ops -------------------------------------------------------------------------------------------------
 
@@ -503,8 +522,8 @@ py::object shift(py::handle st, py::handle X, py::handle h, py::handle rows, boo
     A.X = data<int64_t>(X, "X", g.L, true);
     A.T = tape_args(st, h, rows, g, "h");
     if (!A.T.on) return py::none();
-    return forward ? drive<ShiftArgs>(A, g.L, &shift_range<true>, &shift_range<false>)
-                   : drive<ShiftArgs>(A, g.L, &shift_range<false>, &shift_range<true>);
+    return forward ? drive<ShiftArgs>(A, g.L, &shift_range<true>, &shift_range<false>, POut{})
+                   : drive<ShiftArgs>(A, g.L, &shift_range<false>, &shift_range<true>, POut{});
 }
 
 py::object momentum(py::handle st, py::handle V, py::handle W, py::handle G, py::handle P, py::handle prm,
@@ -517,9 +536,8 @@ py::object momentum(py::handle st, py::handle V, py::handle W, py::handle G, py:
     A.V = data<int64_t>(V, "V", g.L, state);
     A.W = data<int64_t>(W, "W", g.L, position);
     if (A.V == A.W) throw py::value_error("V and W must be different arrays");
-    int gk = 1, pk = 2;
+    int gk = 1;
     A.G = state ? float_data(G, "G", g.L, false, gk) : nullptr;
-    A.P = position && !P.is_none() ? float_data(P, "P", g.L, true, pk) : nullptr;
     A.cv = param(prm, "cv", g.G);
     A.cp = param(prm, "cp", g.G);
     A.lam = param(prm, "lam", g.G);
@@ -532,17 +550,21 @@ py::object momentum(py::handle st, py::handle V, py::handle W, py::handle G, py:
         return with_bool(fwd, [&](auto F) {
             return with_bool(state, [&](auto S) {
                 return with_bool(position, [&](auto Q) {
-                    return with_grad(gk, [&](auto GT) {
-                        return with_out(pk, [&](auto PT) -> RangeFn<MomArgs> {
-                            return &mom_range<decltype(F)::value, decltype(S)::value, decltype(Q)::value,
-                                              typename decltype(GT)::type, typename decltype(PT)::type>;
-                        });
+                    return with_grad(gk, [&](auto GT) -> RangeFn<MomArgs> {
+                        return &mom_range<decltype(F)::value, decltype(S)::value, decltype(Q)::value,
+                                          typename decltype(GT)::type>;
                     });
                 });
             });
         });
     };
-    return drive<MomArgs>(A, g.L, pick(forward), pick(!forward));
+    POut out;
+    if (position && !P.is_none()) {
+        out.P = float_data(P, "P", g.L, true, out.kind);
+        out.W = A.W; out.off = g.off; out.G = g.G;
+        out.scale = Param{&A.ws, 0};
+    }
+    return drive<MomArgs>(A, g.L, pick(forward), pick(!forward), out);
 }
 
 py::object adam(py::tuple tapes, py::handle M, py::handle S, py::handle W, py::handle G, py::handle P,
@@ -557,9 +579,8 @@ py::object adam(py::tuple tapes, py::handle M, py::handle S, py::handle W, py::h
     A.S = data<int64_t>(S, "S", g.L, state);
     A.W = data<int64_t>(W, "W", g.L, position);
     if (A.M == A.S || A.M == A.W || A.S == A.W) throw py::value_error("M, S and W must be different arrays");
-    int gk = 1, pk = 2;
+    int gk = 1;
     A.G = state ? float_data(G, "G", g.L, false, gk) : nullptr;
-    A.P = position && !P.is_none() ? float_data(P, "P", g.L, true, pk) : nullptr;
     A.c1 = param(prm, "c1", g.G);
     A.c2 = param(prm, "c2", g.G);
     A.lam = param(prm, "lam", g.G);
@@ -569,7 +590,6 @@ py::object adam(py::tuple tapes, py::handle M, py::handle S, py::handle W, py::h
     A.eps = param(prm, "eps", g.G);
     A.cu = param(prm, "cu", g.G);
     A.ws = param(prm, "ws", g.G);
-    A.ps = param(prm, "ps", g.G);
     A.two_fm = std::ldexp(1.0, frac(prm, "frac_m"));
     A.two_fs = std::ldexp(1.0, frac(prm, "frac_s"));
     A.two_fw = std::ldexp(1.0, frac(prm, "frac_w"));
@@ -582,17 +602,21 @@ py::object adam(py::tuple tapes, py::handle M, py::handle S, py::handle W, py::h
         return with_bool(fwd, [&](auto F) {
             return with_bool(state, [&](auto St) {
                 return with_bool(position, [&](auto Q) {
-                    return with_grad(gk, [&](auto GT) {
-                        return with_out(pk, [&](auto PT) -> RangeFn<AdamArgs> {
-                            return &adam_range<decltype(F)::value, decltype(St)::value, decltype(Q)::value,
-                                               typename decltype(GT)::type, typename decltype(PT)::type>;
-                        });
+                    return with_grad(gk, [&](auto GT) -> RangeFn<AdamArgs> {
+                        return &adam_range<decltype(F)::value, decltype(St)::value, decltype(Q)::value,
+                                           typename decltype(GT)::type>;
                     });
                 });
             });
         });
     };
-    return drive<AdamArgs>(A, g.L, pick(forward), pick(!forward));
+    POut out;
+    if (position && !P.is_none()) {
+        out.P = float_data(P, "P", g.L, true, out.kind);
+        out.W = A.W; out.off = g.off; out.G = g.G;
+        out.scale = param(prm, "ps", g.G);
+    }
+    return drive<AdamArgs>(A, g.L, pick(forward), pick(!forward), out);
 }
 
 // Whether any shift of h (int64, 1-D) is non-zero: decides whether the op plans tape work at all.

@@ -67,9 +67,11 @@ class Provider:
 class Exact(Provider):
     """Fixed point with the tape; the reverse pass runs training backwards bit for bit."""
 
-    def __init__(self, opt: ReversibleOptimizer, prob, plan: Plan, w0, state0, backend):
+    def __init__(self, opt: ReversibleOptimizer, prob, plan: Plan, w0, state0, backend,
+                 make_state: Optional[Callable] = None):
         self.opt, self.prob, self.plan = opt, prob, plan
-        self.ex: ExactState = opt.exact_init(w0, prob.P.detach(), plan, backend, state0)
+        self.ex: ExactState = (make_state(opt, w0, prob.P.detach(), plan, backend, state0) if make_state is not None
+                               else opt.exact_init(w0, prob.P.detach(), plan, backend, state0))
         self.stats = {"backend": self.ex.be.name, "frac_bits": dict(opt.frac)}
         self._fp: Optional[torch.Tensor] = None
 
@@ -95,6 +97,7 @@ class Exact(Provider):
             except Exception as e:
                 _at_step(e, t)
                 raise
+            self.ex.after_position()
             tick()
         self._fp = fp
         self.stats.update(tape_bytes=self.ex.tape_bytes(), info_bits=self.ex.info_bits())
@@ -108,6 +111,7 @@ class Exact(Provider):
 
     def before(self, t: int) -> None:
         self._undo(t, self.opt.exact_undo_position, self.ex, t, self.plan)
+        self.ex.after_position()
 
     def after(self, t: int, g: torch.Tensor) -> State:
         if int(self.prob.fingerprint(g)) != int(self._fp[t]):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -41,12 +41,14 @@ class EngineResult:
 
 class Unroll:
     """One T-step unroll of ``opt`` on ``prob``: ``forward()`` trains, ``reverse(dw)`` sweeps back (callable again
-    after another ``forward()``)."""
+    after another ``forward()``). ``exact_state(opt, w0, P, plan, backend, state0)`` replaces the exact method's
+    :class:`~revsgd.optim.ExactState` (e.g. a sharded one, :mod:`revsgd.distributed`)."""
 
     def __init__(self, prob: Problem, opt: ReversibleOptimizer, schedules: dict, w0: torch.Tensor, *,
                  sizes: Optional[np.ndarray] = None, state0: Optional[dict] = None, method: str = "exact",
                  backend: Optional[str] = None, checkpoint_every: Optional[int] = None,
-                 truncate: Optional[int] = None, replay_k: Optional[int] = None, progress: bool = False):
+                 truncate: Optional[int] = None, replay_k: Optional[int] = None, progress: bool = False,
+                 exact_state: Optional[Callable] = None):
         if method not in ENGINE_METHODS:
             raise ValueError(f"unknown method {method!r} for the engine; choose one of {ENGINE_METHODS}")
         for name, val in (("checkpoint_every", checkpoint_every), ("truncate", truncate), ("replay_k", replay_k),
@@ -68,7 +70,7 @@ class Unroll:
             if not opt.supports_exact:
                 raise ValueError(opt.exact_refusal or f"optimizer {opt.name!r} has no exact (reversible) step; "
                                  f"use a stored-state method (checkpoint, replay, trajectory)")
-            self.prov = M.Exact(opt, prob, self.plan, w0, state0, backend)
+            self.prov = M.Exact(opt, prob, self.plan, w0, state0, backend, exact_state)
         else:
             stepper = M._Stepper(opt, prob, self.hypers_at)
             if method == "trajectory":

@@ -76,7 +76,7 @@ class Adam(ReversibleOptimizer):
     def _run(self, ex: ExactState, g, t: int, plan: Plan, forward: bool, state: bool, position: bool, P) -> None:
         kernels.adam(ex.be, (ex.tapes["exp_avg"], ex.tapes["exp_avg_sq"], ex.tapes.get("params")),
                      ex.view("exp_avg"), ex.view("exp_avg_sq"), ex.view("params"),
-                     None if g is None else ex.arr(g), P, self._params(plan, t, forward),
+                     None if g is None else ex.arr(g), P, ex.local(self._params(plan, t, forward)),
                      forward=forward, state=state, position=position)
 
     def exact_step(self, ex: ExactState, g, t: int, plan: Plan) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -113,42 +113,71 @@ class Decay:
 class ExactState:
     """Integer state of one exact run on the params' device: params ``W``, optimiser states ``X[name]`` (rescaled by
     their decays), one tape per decaying state, and ``P`` — the model-dtype params the loss reads, written by the
-    kernels. ``frac[name]`` are the fractional bits (``"params"`` for W). Operations are serialised by a lock."""
+    kernels. ``frac[name]`` are the fractional bits (``"params"`` for W).
+
+    Sharding hook: the state may own only lanes [lo, hi) (ZeRO-1 style, see :mod:`revsgd.distributed`): ``X`` and the
+    tapes then hold those lanes, the kernels see ``W[lo:hi]``, ``P[lo:hi]`` and ``g[lo:hi]`` and the groups that
+    intersect the range (:meth:`local` cuts per-group kernel parameters to them); a subclass makes the full ``W`` and
+    ``P`` consistent in :meth:`after_position` and assembles full float states in :meth:`gather`."""
 
     def __init__(self, w0: torch.Tensor, P: torch.Tensor, states: dict, frac: dict, decaying: tuple,
-                 offsets: np.ndarray, backend: Optional[str]):
+                 offsets: np.ndarray, backend: Optional[str], lanes: Optional[tuple] = None):
         self.be = kernels.get_backend(backend)
         if P.device.type != "cpu" and self.be.name != "torch":
             raise ValueError(f"backend {self.be.name!r} runs on the CPU only; params live on {P.device}: use "
                              f"backend='torch'")
         self.device = P.device
         self.frac = dict(frac)
+        L = int(w0.shape[0])
+        self.lo, self.hi = (0, L) if lanes is None else (int(lanes[0]), int(lanes[1]))
+        if not 0 <= self.lo < self.hi <= L:
+            raise ValueError(f"lane range {lanes} is not inside [0, {L})")
         self.W = _to_fixed_t(w0, self.frac["params"], "params0")
-        self.X = {k: (torch.zeros_like(self.W) if v is None else _to_fixed_t(v, self.frac[k], k))
-                  for k, v in states.items()}
+        n = self.hi - self.lo
+        self.X = {k: (torch.zeros(n, dtype=torch.int64, device=self.device) if v is None
+                      else _to_fixed_t(v[self.lo:self.hi], self.frac[k], k)) for k, v in states.items()}
+        g0 = int(np.searchsorted(offsets, self.lo, side="right")) - 1
+        g1 = int(np.searchsorted(offsets, self.hi, side="left"))
+        self.gsl = slice(g0, g1)
+        local = np.concatenate([[self.lo], offsets[g0 + 1:g1], [self.hi]]) - self.lo
         arrays = self.be.arrays if self.be.name != "torch" else type(self.be.arrays)(self.device)
-        self.tapes = {k: TapeStorage(int(self.W.shape[0]), offsets, arrays) for k in decaying}
+        self.tapes = {k: TapeStorage(n, local, arrays) for k in decaying}
         self.P = P
         self.start = (self.W.clone(), {k: v.clone() for k, v in self.X.items()})
-        self.lock = threading.Lock()
         self._host = self.be.name != "torch"
+        Ws = self.W[self.lo:self.hi]
         if self._host:   # zero-copy NumPy views for the CPU backends, made once
-            self.W_ = self.W.numpy()
-            self.X_ = {k: v.numpy() for k, v in self.X.items()}
-            self.P_ = P.detach().numpy()
+            self._views = {"params": Ws.numpy(), **{k: v.numpy() for k, v in self.X.items()}}
+            self.P_arr = P.detach()[self.lo:self.hi].numpy()
+        else:
+            self._views = {"params": Ws, **self.X}
+            self.P_arr = P.detach()[self.lo:self.hi]
 
     def arr(self, t: torch.Tensor):
-        """The array a kernel takes for tensor ``t`` (a NumPy view on the CPU backends)."""
-        return t.detach().numpy() if self._host else t
+        """The array a kernel takes for a full-length tensor ``t`` (this state's lanes; a NumPy view on CPU)."""
+        t = t.detach()[self.lo:self.hi]
+        return t.numpy() if self._host else t
 
     def view(self, name: str):
-        if name == "params":
-            return self.W_ if self._host else self.W
-        return self.X_[name] if self._host else self.X[name]
+        """The kernel's array for state ``name`` ("params" for W) on this state's lanes."""
+        return self._views[name]
 
-    @property
-    def P_arr(self):
-        return self.P_ if self._host else self.P.detach()
+    def local(self, prm):
+        """Per-group kernel parameters cut to the groups this state's lanes intersect (identity when unsharded)."""
+        if self.lo == 0 and self.hi == self.W.shape[0]:
+            return prm
+        for f in fields(prm):
+            v = getattr(prm, f.name)
+            if isinstance(v, np.ndarray) and v.ndim == 1 and v.shape[0] > 1:
+                setattr(prm, f.name, v[self.gsl])
+        return prm
+
+    def after_position(self) -> None:
+        """Called after every position update or undo (a sharded state all-gathers W and P here)."""
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """A float vector over this state's lanes → over all lanes (identity when unsharded)."""
+        return x
 
     def tape_bytes(self) -> int:
         return sum(t.nbytes for t in self.tapes.values())
@@ -166,13 +195,15 @@ class ExactState:
     # --- primitives for optimisers without fused kernels ---------------------------------------------------
     def shift(self, name: str, h: np.ndarray, forward: bool) -> None:
         """Decay step of state ``name`` (``"params"`` for W): X >>= h per group with the bits on its tape, or the
-        exact inverse."""
-        kernels.shift(self.be, self.tapes[name], self.view(name), np.asarray(h, dtype=np.int64), forward,
-                      name=name, frac_bits=self.frac[name])
+        exact inverse; ``h`` per group of the run."""
+        kernels.shift(self.be, self.tapes[name], self.view(name), np.asarray(h, dtype=np.int64)[self.gsl],
+                      forward, name=name, frac_bits=self.frac[name])
 
     def add(self, name: str, u: torch.Tensor, sign: int) -> None:
-        """X[name] += sign·rint(u·2^F) on every lane, all or nothing (OverflowError / NonFiniteError)."""
-        X = self.W if name == "params" else self.X[name]
+        """X[name] += sign·rint(u·2^F) on this state's lanes (``u`` full length), all or nothing (OverflowError /
+        NonFiniteError)."""
+        X = self.W[self.lo:self.hi] if name == "params" else self.X[name]
+        u = u[self.lo:self.hi]
         y = u.to(torch.float64) * 2.0 ** self.frac[name]
         if not bool(torch.isfinite(u).all()):
             raise _nonfinite(name)
@@ -204,6 +235,7 @@ class ExactState:
         self._undo.append(f)
 
     def float_params(self) -> torch.Tensor:
+        """flt(W) over all lanes (W is kept whole on every shard)."""
         return self.W.to(torch.float64) * 2.0 ** -self.frac["params"]
 
 
@@ -345,7 +377,7 @@ class ReversibleOptimizer:
             w = w * plan.lanes(plan.decay["params"].e[t])
         st = {}
         for k in self.state_names:
-            v = ex.X[k].to(torch.float64) * 2.0 ** -self.frac[k]
+            v = ex.gather(ex.X[k].to(torch.float64) * 2.0 ** -self.frac[k])
             if k in plan.decay:
                 v = v * plan.lanes(plan.decay[k].e[t])
             st[k] = v

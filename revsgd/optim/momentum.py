@@ -26,7 +26,30 @@ def _check_unit(sch: Schedules, name: str, lo_open: bool = False) -> None:
         raise ValueError(f"{name} must lie in {'(0' if lo_open else '[0'}, 1], got {bad!r}")
 
 
-class HeavyBall(ReversibleOptimizer):
+class _MomentumKernel(ReversibleOptimizer):
+    """Exact steps of the one-state momentum optimisers through the fused ``momentum`` kernel."""
+    buffer: str
+
+    def _params(self, plan: Plan, t: int) -> MomentumParams:
+        raise NotImplementedError
+
+    def _run(self, ex: ExactState, g, t: int, plan: Plan, forward: bool, state: bool, position: bool) -> None:
+        kernels.momentum(ex.be, ex.tapes[self.buffer], ex.view(self.buffer), ex.view("params"),
+                         None if g is None else ex.arr(g), ex.P_arr if position else None,
+                         ex.local(self._params(plan, t)), forward=forward, state=state, position=position,
+                         names=(self.buffer, "params"))
+
+    def exact_step(self, ex: ExactState, g, t: int, plan: Plan) -> None:
+        self._run(ex, g, t, plan, True, True, True)
+
+    def exact_undo_position(self, ex: ExactState, t: int, plan: Plan) -> None:
+        self._run(ex, None, t, plan, False, False, True)
+
+    def exact_undo_state(self, ex: ExactState, g, t: int, plan: Plan) -> None:
+        self._run(ex, g, t, plan, False, True, False)
+
+
+class HeavyBall(_MomentumKernel):
     """The form of Maclaurin, Duvenaud & Adams (2015)::
 
         v ← γ v − (1 − γ) g;   w ← w + α v
@@ -37,6 +60,7 @@ class HeavyBall(ReversibleOptimizer):
     name = "heavyball"
     schedule_names = ("lr", "momentum")
     state_names = ("velocity",)
+    buffer = "velocity"
     default_frac = {"velocity": 52}
     decay_names = {"velocity": "momentum"}
 
@@ -54,18 +78,6 @@ class HeavyBall(ReversibleOptimizer):
         return MomentumParams(d.h[t], -(1.0 - gam) / e1, plan.groups("lr", t) * e1, _ZERO,
                               self.frac["velocity"], self.frac["params"])
 
-    def exact_step(self, ex: ExactState, g, t: int, plan: Plan) -> None:
-        kernels.momentum(ex.be, ex.tapes["velocity"], ex.view("velocity"), ex.view("params"), ex.arr(g), ex.P_arr,
-                         self._params(plan, t), forward=True, state=True, position=True)
-
-    def exact_undo_position(self, ex: ExactState, t: int, plan: Plan) -> None:
-        kernels.momentum(ex.be, ex.tapes["velocity"], ex.view("velocity"), ex.view("params"), None, ex.P_arr,
-                         self._params(plan, t), forward=False, state=False, position=True)
-
-    def exact_undo_state(self, ex: ExactState, g, t: int, plan: Plan) -> None:
-        kernels.momentum(ex.be, ex.tapes["velocity"], ex.view("velocity"), ex.view("params"), ex.arr(g), None,
-                         self._params(plan, t), forward=False, state=True, position=False)
-
     def float_step(self, w, st, g, hp, t):
         gam, a = hp["momentum"], hp["lr"]
         v = gam * st["velocity"] - (1.0 - gam) * g
@@ -78,7 +90,7 @@ class HeavyBall(ReversibleOptimizer):
         return dw, {"velocity": gam * dv}, -(1.0 - gam) * dv, dhp
 
 
-class SGD(ReversibleOptimizer):
+class SGD(_MomentumKernel):
     """``torch.optim.SGD`` (maximize=False, nesterov=False)::
 
         g' = g + λ w
@@ -94,6 +106,7 @@ class SGD(ReversibleOptimizer):
     schedule_names = ("lr", "momentum", "dampening", "weight_decay")
     defaults = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0}
     state_names = ("momentum_buffer",)
+    buffer = "momentum_buffer"
     default_frac = {"momentum_buffer": 52}
     decay_names = {"momentum_buffer": "momentum"}
     nesterov = False
@@ -132,21 +145,6 @@ class SGD(ReversibleOptimizer):
         return MomentumParams(d.h[t], np.asarray(cv, dtype=np.float64), -plan.groups("lr", t) * e1,
                               np.ascontiguousarray(plan.groups("weight_decay", t), dtype=np.float64),
                               self.frac["momentum_buffer"], self.frac["params"])
-
-    def exact_step(self, ex: ExactState, g, t: int, plan: Plan) -> None:
-        kernels.momentum(ex.be, ex.tapes["momentum_buffer"], ex.view("momentum_buffer"), ex.view("params"),
-                         ex.arr(g), ex.P_arr, self._params(plan, t), forward=True, state=True, position=True,
-                         names=("momentum_buffer", "params"))
-
-    def exact_undo_position(self, ex: ExactState, t: int, plan: Plan) -> None:
-        kernels.momentum(ex.be, ex.tapes["momentum_buffer"], ex.view("momentum_buffer"), ex.view("params"), None,
-                         ex.P_arr, self._params(plan, t), forward=False, state=False, position=True,
-                         names=("momentum_buffer", "params"))
-
-    def exact_undo_state(self, ex: ExactState, g, t: int, plan: Plan) -> None:
-        kernels.momentum(ex.be, ex.tapes["momentum_buffer"], ex.view("momentum_buffer"), ex.view("params"),
-                         ex.arr(g), None, self._params(plan, t), forward=False, state=True, position=False,
-                         names=("momentum_buffer", "params"))
 
     def float_step(self, w, st, g, hp, t):
         a, mu, tau, lam = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
