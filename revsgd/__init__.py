@@ -5,6 +5,7 @@ from .engine import EngineResult, NumpyResult, ReversalError, Unroll, hypergrad_
 from .kernels import BACKENDS, TapeExhaustedError, set_num_threads
 from .kernels.tape import Tape
 from .optim import OPTIMIZERS, ReversibleOptimizer
+from .optim.exact_momentum import ExactMomentum
 from .frontend.functional import HypergradResult, hypergrad, unroll
 from .frontend.inputs import pinned_threads
 from .frontend.data import StepSampler

@@ -19,6 +19,7 @@ import torch
 
 from ..kernels import TapeExhaustedError
 from ..optim.base import ExactState, Plan, ReversibleOptimizer
+from .buffers import KEY
 
 State = tuple  # (w: float64 tensor, {name: float64 tensor})
 
@@ -44,7 +45,10 @@ class _Stepper:
         w, st = s
         self.prob.set_params(w)
         g = self.prob.grad(t).to(torch.float64)
-        return self.opt.float_step(w, st, g, self.hypers_at(t), t)
+        w1, st1 = self.opt.float_step(w, st, g, self.hypers_at(t), t)
+        if KEY in st:
+            st1 = {**st1, KEY: self.prob.buffers.float_step(st[KEY], self.prob.aux)}
+        return w1, st1
 
 
 class Provider:
@@ -74,13 +78,26 @@ class Exact(Provider):
                                else opt.exact_init(w0, prob.P.detach(), plan, backend, state0))
         self.stats = {"backend": self.ex.be.name, "frac_bits": dict(opt.frac)}
         self._fp: Optional[torch.Tensor] = None
+        self.exb = None if prob.buffers is None else prob.buffers.exact(backend)
+
+    def _fingerprint(self, g) -> torch.Tensor:
+        fp = self.prob.fingerprint(g)
+        return fp if self.exb is None else fp + 3 * self.prob.fingerprint(self.prob.aux)
+
+    def _floats(self, t: int) -> State:
+        w, st = self.opt.exact_floats(self.ex, t, self.plan)
+        if self.exb is not None:
+            st[KEY] = self.exb.value(t)
+        return w, st
 
     def _probe(self) -> None:
         """Step 0's gradient twice, through the forward's path and the reverse's (with graph): a loss that draws
         unseeded randomness fails here, in seconds, instead of after the whole forward pass."""
         g1 = self.prob.grad(0)
+        u1 = self.prob.aux
         g2, _ = self.prob.grad_vjp(0)
-        if not torch.equal(g1.view(-1), g2.detach().view(-1)):
+        same_u = u1 is None or torch.equal(u1, self.prob.aux)
+        if not (torch.equal(g1.view(-1), g2.detach().view(-1)) and same_u):
             raise ReversalError("the training loss gave two different gradients for step 0 with the same params: it "
                                 "is not deterministic (most likely unseeded randomness — dropout, torch.rand*, a "
                                 "shuffling iterator — or a change of thread count). " + REVERSAL_HINT)
@@ -91,17 +108,25 @@ class Exact(Provider):
         fp = torch.zeros(T, dtype=torch.int64, device=self.prob.device)
         for t in range(T):
             g = self.prob.grad(t)
-            fp[t] = self.prob.fingerprint(g)
+            fp[t] = self._fingerprint(g)
             try:
-                self.opt.exact_step(self.ex, g, t, self.plan)
+                if self.exb is not None:
+                    self.exb.step(self.prob.aux, t)
+                try:
+                    self.opt.exact_step(self.ex, g, t, self.plan)
+                except Exception:
+                    if self.exb is not None:
+                        self.exb.undo(self.prob.aux, t)
+                    raise
             except Exception as e:
                 _at_step(e, t)
                 raise
             self.ex.after_position()
             tick()
         self._fp = fp
-        self.stats.update(tape_bytes=self.ex.tape_bytes(), info_bits=self.ex.info_bits())
-        return self.opt.exact_floats(self.ex, T, self.plan)
+        self.stats.update(tape_bytes=self.ex.tape_bytes() + (self.exb.nbytes if self.exb else 0),
+                          info_bits=self.ex.info_bits() + (self.exb.info_bits if self.exb else 0))
+        return self._floats(T)
 
     def _undo(self, t: int, f, *args) -> None:
         try:
@@ -114,14 +139,18 @@ class Exact(Provider):
         self.ex.after_position()
 
     def after(self, t: int, g: torch.Tensor) -> State:
-        if int(self.prob.fingerprint(g)) != int(self._fp[t]):
+        if int(self._fingerprint(g)) != int(self._fp[t]):
             raise ReversalError(f"step {t}'s gradient differs between the forward and the reverse pass (same "
                                 f"params, different bits). " + REVERSAL_HINT)
         self._undo(t, self.opt.exact_undo_state, self.ex, g, t, self.plan)
-        return self.opt.exact_floats(self.ex, t, self.plan)
+        if self.exb is not None:
+            self._undo(t, self.exb.undo, self.prob.aux, t)
+        return self._floats(t)
 
     def finish(self) -> None:
         ok, bad = self.ex.at_start()
+        if self.exb is not None and not self.exb.at_start():
+            ok, bad = False, bad + ["running statistics"]
         if not ok:
             raise ReversalError(f"the reversed trajectory does not return to the start ({', '.join(bad)} differ). "
                                 + REVERSAL_HINT)

@@ -10,6 +10,10 @@ kernels) writes w_t into it before asking for a gradient — and answers
 
 ``fingerprint(g)`` hashes a gradient's bits; the exact method compares the forward and reverse passes' gradients
 with it at every step, so a loss that is not a pure function of (w, θ, t) is caught at the step where it diverges.
+
+Problems whose training updates running averages (BatchNorm) set ``buffers`` (:class:`~revsgd.engine.buffers.Buffers`):
+then ``grad``/``grad_vjp`` also leave the step's increments u_t in ``aux`` (float64, detached), ``vjp(u, du)`` takes
+their cotangent, and ``val()`` leaves ∂f/∂R_T in ``d_buffers``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ class Problem:
     """Base class (see the module docstring). Subclasses set ``P`` and implement the three callbacks."""
     P: torch.Tensor
     num_hypers: int = 0
+    buffers = None                       # Buffers, for problems with running averages
+    aux: Optional[torch.Tensor] = None   # the last step's buffer increments u_t
+    d_buffers: Optional[torch.Tensor] = None
 
     @property
     def num_lanes(self) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from ..optim import ReversibleOptimizer, Schedules
 from . import methods as M
+from .buffers import KEY
 from .problem import Problem
 
 METHODS = ("exact", "naive", "trajectory", "checkpoint", "replay", "drmad", "truncated")
@@ -66,6 +67,11 @@ class Unroll:
         self.der_dev = {k: torch.from_numpy(v).to(prob.device) for k, v in self.plan.derived.items()}
         w0 = w0.detach().to(torch.float64).to(prob.device)
         s0 = (w0, opt.float_init(w0, state0))
+        if prob.buffers is not None:
+            s0[1][KEY] = prob.buffers.R0
+            if method == "drmad":
+                raise ValueError("method 'drmad' cannot recover running statistics (BatchNorm buffers) from the "
+                                 "straight line; use another method")
         if method == "exact":
             if not opt.supports_exact:
                 raise ValueError(opt.exact_refusal or f"optimizer {opt.name!r} has no exact (reversible) step; "
@@ -130,6 +136,9 @@ class Unroll:
                for x in (prob.hyper_zeros() if dtheta is None else dtheta)]
         dst = {k: (torch.zeros_like(dw) if dstate is None or k not in dstate else dstate[k].to(dw).clone())
                for k in opt.state_names}
+        buf = prob.buffers
+        dR = None if buf is None else (torch.zeros_like(buf.R0) if prob.d_buffers is None
+                                       else prob.d_buffers.detach().to(torch.float64).clone())
         grads = sch.zeros()
         dder = {k: torch.zeros(v.shape, dtype=torch.float64, device=dev) for k, v in self.plan.derived.items()}
         post = self.sT
@@ -141,7 +150,11 @@ class Unroll:
                 g64 = g.detach().to(torch.float64)
                 dw, dst, dg, dhp = opt.adjoint(t, pre[0], pre[1], g64, post[0], post[1], dw, dst, self.hypers_at(t))
                 self._accumulate(dhp, t, grads, dder)
-                hu, th = vjp(dg)
+                if buf is None:
+                    hu, th = vjp(dg)
+                else:
+                    dR, du = buf.adjoint(dR)
+                    hu, th = vjp(dg, du)
                 dw = dw + hu
                 for i, x in enumerate(th):
                     if x is not None:
@@ -167,6 +180,8 @@ class Unroll:
         st["seconds_reverse"] = time.perf_counter() - t0
         st.update(tape_bytes=0, info_bits=0, storage_bytes=0)
         st.update(prov.stats)
+        if dR is not None:
+            dst[KEY] = dR
         return EngineResult(float("nan"), self.sT[0], grads, dw, dst, dth, dict(st))
 
     def _accumulate(self, dhp: dict, t: int, grads: dict, dder: dict) -> None:

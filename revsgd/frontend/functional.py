@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..engine import ENGINE_METHODS, METHODS, Unroll
+from ..engine.buffers import KEY
 from ..kernels import warm_up
 from ..optim import ReversibleOptimizer, Schedules, get_optimizer
 from .inputs import Params, as_hypers, as_params, as_schedules, pinned_threads
@@ -77,7 +78,18 @@ class _Run:
         self.train_loss, self.val_loss = train_loss, val_loss
 
     def problem(self, k: int) -> TorchProblem:
-        return TorchProblem(self.train_loss, self.val_loss, self.params, self.hypers, k, self.seed)
+        return TorchProblem(self.train_loss, self.val_loss, self.params, self.hypers, k, self.seed, self.T)
+
+    def finish(self, prob: TorchProblem, wT: torch.Tensor, stT: dict) -> None:
+        """A module is left as plain training leaves it: parameters w_T, buffers R_T, num_batches_tracked + T."""
+        if self.params.module is None:
+            return
+        with torch.no_grad():
+            for v, p in zip(self.params.unflat(wT).values(), _originals(self.params.module, self.params)):
+                p.copy_(v)
+        if prob.buffers is not None:
+            prob.binding.finalize(stT[KEY], self.T)
+        prob.binding.close()
 
     def unroll(self, prob: TorchProblem) -> Unroll:
         sizes = self.params.sizes if any(a.ndim == 2 for a in self.sched.values()) else None
@@ -136,9 +148,12 @@ def hypergrad(train_loss: TrainLoss, val_loss: ValLoss, params0, *, optimizer: U
         if method == "naive":
             return _naive(run, prob)
         u = run.unroll(prob)
-        wT, _ = u.forward()
+        wT, stT = u.forward()
+        if prob.buffers is not None:
+            prob.set_buffers(stT[KEY])
         f, dw, dth = prob.val()
         out = u.reverse(dw, dth)
+        run.finish(prob, wT, stT)
     grads = run.schedule_grads(out.grads)
     grads["params0"] = run.params.unflat(out.d_w0)
     grads.update(_hyper_grads(run, out.d_theta))
@@ -162,6 +177,7 @@ def _naive(run: _Run, prob: TorchProblem) -> HypergradResult:
         der = opt.derived(leaves)
         w0 = P.flat().to(P.device).requires_grad_()
         w, st = w0, opt.float_init(w0)
+        R = None if prob.buffers is None else prob.buffers.R0
         gid = sch._gid
         it = range(run.T)
         if run.progress:
@@ -170,12 +186,17 @@ def _naive(run: _Run, prob: TorchProblem) -> HypergradResult:
         for t in it:
             hp = {k: (v[t] if v.dim() == 1 else v[t][gid]) for k, v in {**leaves, **der}.items()}
             wm = w.to(P.dtype)
-            loss = scalar(prob.train_loss(P.views(wm), prob.leaves, t), "train_loss", t)
+            prob.views = P.views(wm)
+            loss, u = prob._loss(prob.leaves, t)
             g, = torch.autograd.grad(loss, wm, create_graph=True, allow_unused=True)
             g = torch.zeros_like(w) if g is None else g.to(torch.float64)
             w, st = opt.float_step(w, st, g, hp, t)
+            if R is not None:
+                R = prob.buffers.float_step(R, u)
         t1 = time.perf_counter()
-        f = scalar(run.val_loss(P.views(w.to(P.dtype)), prob.leaves), "val_loss")
+        prob.views = P.views(w.to(P.dtype))
+        with prob.eval_buffers(None if R is None else R.to(P.dtype)):
+            f = scalar(run.val_loss(prob.views, prob.leaves), "val_loss")
         wrt = list(leaves.values()) + [w0] + prob._req
         out = torch.autograd.grad(f, wrt, allow_unused=True)
     t2 = time.perf_counter()
@@ -184,6 +205,7 @@ def _naive(run: _Run, prob: TorchProblem) -> HypergradResult:
     grads = run.schedule_grads({k: z(d, leaves[k]) for k, d in zip(leaves, out[:n])})
     grads["params0"] = P.unflat(z(out[n], w0))
     grads.update(_hyper_grads(run, prob._per_hyper(out[n + 1:])))
+    run.finish(prob, w.detach(), {KEY: None if R is None else R.detach()})
     stats = {"method": "naive", "optimizer": opt.name, "steps": run.T, "lanes": P.size, "seconds_forward": t1 - t0,
              "seconds_reverse": t2 - t1, "tape_bytes": 0, "info_bits": 0, "storage_bytes": 0,
              "threads": prob.threads}

@@ -6,9 +6,13 @@ from typing import Callable, Optional
 
 import torch
 
+import contextlib
+
 from ..engine import REVERSAL_HINT, ReversalError
+from ..engine.buffers import Buffers
 from ..engine.problem import Problem
 from .inputs import Params
+from .module import ModuleBinding
 from .randomness import is_step_seeded, step_seeded
 
 TrainLoss = Callable[[dict, dict, int], torch.Tensor]
@@ -30,8 +34,12 @@ class TorchProblem(Problem):
     per-step flattening. With ``seed`` set, step t runs under torch's RNG seeded from (seed, t)."""
 
     def __init__(self, train_loss: TrainLoss, val_loss: Optional[ValLoss], params: Params, hypers: dict,
-                 threads: int, seed: Optional[int] = 0):
+                 threads: int, seed: Optional[int] = 0, steps: int = 0):
         self.params, self.threads = params, threads
+        self.binding = ModuleBinding(params.module, params) if params.module is not None else None
+        if self.binding is not None and self.binding.layers:
+            b = self.binding
+            self.buffers = Buffers(b.R0.to(params.device), b.sizes, b.momentum, steps)
         if seed is not None and not is_step_seeded(train_loss):
             train_loss = step_seeded(train_loss, seed)
         self.train_loss, self.val_loss = train_loss, val_loss
@@ -47,29 +55,53 @@ class TorchProblem(Problem):
             raise ReversalError(f"torch's thread count changed during the run ({self.threads} -> "
                                 f"{torch.get_num_threads()}). " + REVERSAL_HINT)
 
+    def _loss(self, hypers: dict, t: int):
+        """Step t's training loss and (modules with BatchNorm) its buffer increments, with graphs."""
+        ctx = self.binding.training() if self.binding is not None else contextlib.nullcontext()
+        with ctx:
+            loss = scalar(self.train_loss(self.views, hypers, t), "train_loss", t)
+            u = self.binding.increments() if self.buffers is not None else None
+        return loss, u
+
     def grad(self, t: int) -> torch.Tensor:
         self._check_threads()
         with torch.enable_grad():
-            loss = scalar(self.train_loss(self.views, self.hypers, t), "train_loss", t)
+            loss, u = self._loss(self.hypers, t)
             g, = torch.autograd.grad(loss, self.P, allow_unused=True)
+        self.aux = None if u is None else u.detach()
         return torch.zeros_like(self.P) if g is None else g
 
     def grad_vjp(self, t: int):
         self._check_threads()
         with torch.enable_grad():
-            loss = scalar(self.train_loss(self.views, self.leaves, t), "train_loss", t)
+            loss, u = self._loss(self.leaves, t)
             g, = torch.autograd.grad(loss, self.P, create_graph=True, allow_unused=True)
         if g is None:
             g = torch.zeros_like(self.P)
+        self.aux = None if u is None else u.detach()
         wrt = [self.P] + self._req
 
-        def vjp(u: torch.Tensor):
-            if not g.requires_grad:
-                return torch.zeros_like(u), [None] * len(self.leaves)
+        def vjp(dg: torch.Tensor, du: Optional[torch.Tensor] = None):
+            outs = [(g, dg.to(g.dtype))] if g.requires_grad else []
+            if du is not None and u is not None and u.requires_grad:
+                outs.append((u, du.to(u.dtype)))
+            if not outs:
+                return torch.zeros_like(dg), [None] * len(self.leaves)
             with torch.enable_grad():
-                out = torch.autograd.grad(g, wrt, grad_outputs=u.to(g.dtype), allow_unused=True)
-            return _f64(out[0], u), self._per_hyper(out[1:])
+                out = torch.autograd.grad([o for o, _ in outs], wrt, grad_outputs=[c for _, c in outs],
+                                          allow_unused=True)
+            return _f64(out[0], dg), self._per_hyper(out[1:])
         return g, vjp
+
+    def set_buffers(self, R: torch.Tensor) -> None:
+        """The running statistics the validation loss sees (R_T)."""
+        self._R = R.detach()
+
+    def eval_buffers(self, R: torch.Tensor, differentiable: bool = True):
+        """Context: the module's BatchNorm buffers are views of R during the block (no-op without buffers)."""
+        if self.buffers is None:
+            return contextlib.nullcontext()
+        return self.binding.evaluating(R, self.buffers.T, differentiable)
 
     def _per_hyper(self, outs) -> list:
         it = iter(outs)
@@ -77,12 +109,22 @@ class TorchProblem(Problem):
                 for h in self.leaves.values()]
 
     def val(self):
-        with torch.enable_grad():
+        R = None
+        if self.buffers is not None:
+            R = self._R.to(self.params.dtype).requires_grad_()
+            with torch.no_grad(), self.eval_buffers(R.detach(), differentiable=False):
+                fv = scalar(self.val_loss(self.views, self.leaves), "val_loss").item()   # torch's own kernels
+        with torch.enable_grad(), self.eval_buffers(R):
             f = scalar(self.val_loss(self.views, self.leaves), "val_loss")
-            out = torch.autograd.grad(f, [self.P] + self._req, allow_unused=True)
-        fv = f.item()
+            wrt = [self.P] + self._req + ([R] if R is not None else [])
+            out = torch.autograd.grad(f, wrt, allow_unused=True)
+        if R is None:
+            fv = f.item()
         if not math.isfinite(fv):
             raise ValueError(f"val_loss returned a non-finite value: {fv}")
+        if R is not None:
+            self.d_buffers = _f64(out[-1], R)
+            out = out[:-1]
         return fv, _f64(out[0], self.P), self._per_hyper(out[1:])
 
     def hyper_zeros(self) -> list:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from dataclasses import fields
 from types import ModuleType
 from typing import Optional, Sequence
 
@@ -128,6 +129,23 @@ def _message(e: KernelError, names: Sequence[str], frac_bits: Sequence[int]) -> 
     return RuntimeError(f"kernel failed with code {e.base} at lane {lane}")
 
 
+def _per_group(prm, G: int):
+    """Every per-group parameter as a contiguous (G,) array (a length-1 array is one value for all groups), so
+    backends index parameters by group without special cases."""
+    for f in fields(prm):
+        v = getattr(prm, f.name)
+        if isinstance(v, np.ndarray):
+            if v.shape == (G,):
+                if not v.flags.c_contiguous or v.dtype not in (np.float64, np.int64):
+                    setattr(prm, f.name, np.ascontiguousarray(v, dtype=np.int64 if v.dtype.kind in "iu" else
+                                                              np.float64))
+            elif v.shape == (1,):
+                setattr(prm, f.name, np.full(G, v[0], dtype=np.int64 if v.dtype.kind in "iu" else np.float64))
+            else:
+                raise ValueError(f"kernel parameter {f.name} has shape {v.shape}, expected (1,) or ({G},)")
+    return prm
+
+
 def _check_pops(tapes, hs, names) -> None:
     for st, h, name in zip(tapes, hs, names):
         if st is None or h is None:
@@ -160,6 +178,7 @@ def shift(be: ModuleType, st: TapeStorage, X, h: np.ndarray, forward: bool, name
 def momentum(be: ModuleType, st: TapeStorage, V, W, G, P, prm: MomentumParams, *, forward: bool, state: bool,
              position: bool, names: Sequence[str] = ("velocity", "params")) -> None:
     """One momentum op on every lane (see :mod:`revsgd.kernels.vectorized`); all or nothing."""
+    _per_group(prm, st.num_groups)
     if not forward and state:
         _check_pops([st], [prm.h], names[:1])
     try:
@@ -173,6 +192,7 @@ def momentum(be: ModuleType, st: TapeStorage, V, W, G, P, prm: MomentumParams, *
 def adam(be: ModuleType, tapes: tuple, M, S, W, G, P, prm: AdamParams, *, forward: bool, state: bool,
          position: bool, names: Sequence[str] = ("exp_avg", "exp_avg_sq", "params")) -> None:
     """One Adam op on every lane (see :mod:`revsgd.kernels.vectorized`); all or nothing."""
+    _per_group(prm, tapes[0].num_groups)
     if not forward:
         hs = [prm.h1 if state else None, prm.h2 if state else None, prm.hw if position else None]
         _check_pops(tapes, hs, names)
