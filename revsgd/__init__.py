@@ -8,6 +8,7 @@ from .optim import OPTIMIZERS, ReversibleOptimizer
 from .optim.exact_momentum import ExactMomentum
 from .frontend.functional import HypergradResult, hypergrad, unroll
 from .frontend.inputs import pinned_threads
+from .frontend.context import Reversible, reversible
 from .frontend.data import StepSampler
 from .frontend.randomness import seeded, step_seeded
 

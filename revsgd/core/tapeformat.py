@@ -186,6 +186,11 @@ class TapeStorage:
         """Bytes allocated for heads, the word stack and the group table."""
         return int(2 * self.num_lanes + 2 * self.words.shape[0] + 8 * (4 * self.num_groups + 1))
 
+    def stack_words(self) -> np.ndarray:
+        """The whole word stack as host uint16, bottom first (what :meth:`to_bytes` writes; a spilling storage
+        reads its files back for it)."""
+        return self.xp.to_numpy_u16(self.words, self.num_words)
+
     def at_start(self) -> bool:
         return (self.depth == 0 and self.num_words == 0 and not self.pending.any()
                 and not self.xp.to_numpy_u16(self.heads).any())
@@ -194,7 +199,7 @@ class TapeStorage:
     def to_bytes(self) -> bytes:
         """Canonical bytes; refuses (TapeFormatError) a state that :meth:`from_bytes` would refuse."""
         heads = self.xp.to_numpy_u16(self.heads)
-        words = self.xp.to_numpy_u16(self.words, self.num_words)
+        words = self.stack_words()
         _validate(self.num_lanes, self.offsets, self.pending, self.rows, self.depth, self.num_words, heads,
                   "this tape cannot be serialised")
         parts = [
