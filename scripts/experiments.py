@@ -60,7 +60,8 @@ def _mlp_spec(data, sizes, lr, mom, *, batch, seed, params0=None, hypers=None, l
         return F.cross_entropy(mlp_forward(p, data.x_val), data.y_val)
 
     p0 = params0 if params0 is not None else mlp_init(sizes, dtype=data.x_train.dtype, seed=0)
-    return MetaSpec(train_loss, val_loss, p0, lr, mom, hypers or {}, lambda p: _evaluate(p, data))
+    return MetaSpec(train_loss, val_loss, p0, {"lr": lr, "momentum": mom}, "heavyball", hypers or {},
+                    lambda p: _evaluate(p, data))
 
 
 def _evaluate(p, data, train: bool = True) -> dict:
@@ -247,7 +248,7 @@ def training_set(T: int = 100, iterations: int = 100, meta_lr: float = 0.1) -> d
         def val_loss(p, h):
             return F.cross_entropy(mlp_forward(p, data.x_val), data.y_val)
 
-        return MetaSpec(train_loss, val_loss, p0, lr, mom, {"images": torch.sigmoid(free)},
+        return MetaSpec(train_loss, val_loss, p0, {"lr": lr, "momentum": mom}, "heavyball", {"images": torch.sigmoid(free)},
                         lambda p: _evaluate(p, data, train=False))
     recs = MetaTrainer(build, {"pixel_logits": free}, meta_lr=meta_lr, threads=THREADS).run(iterations)
     imgs = torch.sigmoid(free).detach().numpy().reshape(10, 28, 28)

@@ -40,7 +40,7 @@ def make_trainer(ck=None, optimizer=None, **kw) -> MetaTrainer:
         def val_loss(p, h):
             return (((X[30:] @ p["w"] + p["b"]) - Y[30:]) ** 2).mean()
         p0 = {"w": torch.zeros(3, 1, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
-        return MetaSpec(train_loss, val_loss, p0, lr_s(), mom_s())
+        return MetaSpec(train_loss, val_loss, p0, {"lr": lr_s(), "momentum": mom_s()}, "heavyball")
     return MetaTrainer(build, {"lr": lr_s.free, "mom": mom_s.free}, meta_lr=0.2, checkpoint=ck, progress=False,
                        threads=1, optimizer=optimizer, **kw)
 

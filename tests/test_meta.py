@@ -35,7 +35,7 @@ def make_build(lr_s, mom_s, fail_at=None):
         def val_loss(p, h):
             return (((X[60:] @ p["w"] + p["b"]) - Y[60:]) ** 2).mean()
         p0 = {"w": torch.zeros(3, 1, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
-        return MetaSpec(train_loss, val_loss, p0, lr_s(), mom_s())
+        return MetaSpec(train_loss, val_loss, p0, {"lr": lr_s(), "momentum": mom_s()}, "heavyball")
     return build
 
 

@@ -28,7 +28,8 @@ def schedule_problem(data, *, T: int, knots: Optional[int], hidden=(100,), batch
             with torch.no_grad():
                 train = torch.nn.functional.cross_entropy(mlp_forward(p, data.x_train), data.y_train)
             return {"train_loss": float(train), "val_accuracy": accuracy(p, data.x_val, data.y_val)}
-        return MetaSpec(pb.train_loss, pb.val_loss, pb.params0, lr_s(), mom_s(), pb.hypers, evaluate)
+        return MetaSpec(pb.train_loss, pb.val_loss, pb.params0, {"lr": lr_s(), "momentum": mom_s()}, "heavyball", pb.hypers,
+                        evaluate)
 
     return {"log_lr": lr_s.free, "logit_momentum": mom_s.free}, build, (lr_s, mom_s), base
 

@@ -37,10 +37,20 @@ Byte format (little endian), version 2::
 
 Version 1 (revsgd 0.1's rANS coder with quantised momentum) is refused with a clear error: its heads and streams
 mean something else.
+
+Spilling (:class:`SpillTapeStorage`): the stack is written forward and read backward, so its bottom can live in a
+file. The storage keeps the stack positions ``[base, num_words)`` in memory (``words[i]`` is stack position
+``base + i``; :meth:`TapeStorage.plan` offsets are relative to the buffer, as the kernels expect) and positions
+``[0, base)`` in one file, written in blocks of ``block_bytes`` in stack order and read back (and truncated) from its
+end. The logical tape — counters, heads, stack, :meth:`to_bytes` — is the same as in memory, bit for bit.
 """
 from __future__ import annotations
 
+import os
+import socket
 import struct
+import tempfile
+import weakref
 import zlib
 from typing import Any, Optional, Sequence
 
@@ -298,3 +308,271 @@ def _validate(L: int, offsets: np.ndarray, pending: np.ndarray, rows: np.ndarray
     lim = np.repeat((1 << pending).astype(np.int64), sizes)
     if np.any(heads.astype(np.int64) >= lim):
         raise exc(f"{what}: a head holds bits above its group's pending count")
+
+
+# --- spilling the word stack to disk -------------------------------------------------------------------------------
+
+#: Default size of the blocks a :class:`SpillTapeStorage` writes and reads (64 MiB).
+DEFAULT_SPILL_BLOCK_BYTES = 64 << 20
+SPILL_PREFIX = "revsgd-tape-"
+
+
+class _SpillFile:
+    """One append-only file of uint16 words in a private directory (``tempfile.mkdtemp`` under the parent, so
+    concurrent tapes, runs and processes never share a name). Created on the first write; the file and its directory
+    are removed as soon as it is empty again, by :meth:`remove`, and when its storage is garbage collected or the
+    interpreter exits (``weakref.finalize``). Only the creating process removes anything (a forked child does not)."""
+
+    def __init__(self, parent: str):
+        self.parent = parent
+        self.dir: Optional[str] = None
+        self.path: Optional[str] = None
+        self.fd = -1
+        self.size = 0            # bytes
+        self.pid = os.getpid()
+
+    def _open(self) -> None:
+        os.makedirs(self.parent, exist_ok=True)
+        host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:32]
+        self.dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{host}-{os.getpid()}-", dir=self.parent)
+        self.path = os.path.join(self.dir, "words.u16")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except BaseException:
+            self.remove()
+            raise
+        self.size = 0
+        self.pid = os.getpid()
+
+    def append(self, data: np.ndarray) -> None:
+        """Write ``data`` (uint16, little endian on disk) at the end; on failure the file is cut back."""
+        if self.fd < 0:
+            self._open()
+        buf = memoryview(np.ascontiguousarray(data).astype("<u2", copy=False)).cast("B")
+        off, done = self.size, 0
+        try:
+            while done < len(buf):
+                n = os.pwrite(self.fd, buf[done:], off + done)
+                if n <= 0:
+                    raise OSError(f"short write to {self.path}")
+                done += n
+        except BaseException:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
+            raise
+        self.size += done
+
+    def read(self, out: np.ndarray, offset: int) -> None:
+        """Fill ``out`` (uint16, contiguous) from byte ``offset``."""
+        buf = memoryview(out).cast("B")
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"the tape's spill file {self.path} is shorter than the tape ({offset + done} of "
+                              f"{offset + len(buf)} bytes): was it modified or removed?")
+            done += n
+        if out.dtype.byteorder == ">":   # pragma: no cover - big-endian hosts
+            out.byteswap(inplace=True)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.size = size
+        if size == 0:
+            self.remove()
+
+    def remove(self) -> None:
+        if os.getpid() != self.pid:
+            return
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        for f, p in ((os.unlink, self.path), (os.rmdir, self.dir)):
+            if p is not None:
+                try:
+                    f(p)
+                except FileNotFoundError:
+                    pass
+        self.dir = self.path = None
+        self.size = 0
+
+
+def _copy(a):
+    return a.clone() if hasattr(a, "clone") else a.copy()
+
+
+class SpillTapeStorage(TapeStorage):
+    """A :class:`TapeStorage` whose word stack spills to a file in ``tape_dir`` (see the module docstring).
+
+    Memory holds at most about two blocks plus one operation's rows: a push that would fill more than two blocks
+    first writes the oldest whole blocks to the file (sequentially, ``block_bytes`` at a time); a pop that needs words
+    below the memory window reads the last blocks of the file back (from the end, truncating it). Each tape gets its
+    own directory ``<tape_dir>/revsgd-tape-<host>-<pid>-<random>/`` (safe for concurrent runs); the file and the
+    directory are removed when the stack is back in memory (always so at the start of the tape), by :meth:`close`,
+    when the storage is garbage collected, and at interpreter exit. A failed write leaves the tape as it was
+    (nothing is committed, the file is cut back) and raises the OSError.
+    """
+
+    def __init__(self, num_lanes: int, offsets: Optional[Sequence[int]] = None, arrays: Any = HostArrays, *,
+                 tape_dir, block_bytes: int = DEFAULT_SPILL_BLOCK_BYTES):
+        if not isinstance(tape_dir, (str, os.PathLike)):
+            raise TypeError(f"tape_dir must be a path (str or os.PathLike), got {type(tape_dir).__name__}")
+        if isinstance(block_bytes, bool) or not isinstance(block_bytes, (int, np.integer)) or block_bytes < 2:
+            raise ValueError(f"block_bytes must be an int >= 2, got {block_bytes!r}")
+        super().__init__(num_lanes, offsets, arrays)
+        self.tape_dir = os.path.abspath(os.fspath(tape_dir))
+        self.block_words = int(block_bytes) // 2
+        self.base = 0                    # stack positions [0, base) are on disk
+        self._file = _SpillFile(self.tape_dir)
+        self._closed = False
+        self._finalizer = weakref.finalize(self, self._file.remove)
+
+    @classmethod
+    def adopt(cls, st: TapeStorage, *, tape_dir, block_bytes: int = DEFAULT_SPILL_BLOCK_BYTES) -> "SpillTapeStorage":
+        """A spilling copy of an in-memory storage (what exceeds the memory window goes to disk at once)."""
+        new = cls(st.num_lanes, st.offsets, st.xp, tape_dir=tape_dir, block_bytes=block_bytes)
+        new.heads = st.heads
+        new.words, new.num_words = st.words, st.num_words
+        new.pending, new.rows, new.depth = st.pending.copy(), st.rows.copy(), st.depth
+        new.reserve(0)
+        return new
+
+    @classmethod
+    def from_bytes(cls, data, arrays: Any = HostArrays, *, tape_dir=None,
+                   block_bytes: int = DEFAULT_SPILL_BLOCK_BYTES) -> "SpillTapeStorage":
+        if tape_dir is None:
+            raise TypeError("SpillTapeStorage.from_bytes needs tape_dir=")
+        return cls.adopt(TapeStorage.from_bytes(data, arrays), tape_dir=tape_dir, block_bytes=block_bytes)
+
+    # --- where things are --------------------------------------------------------------------------------------
+    @property
+    def spill_dir(self) -> Optional[str]:
+        """The directory of this tape's spill file while one exists, else None."""
+        return self._file.dir
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of the stack on disk."""
+        return 2 * self.base
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this tape's spill files were removed by close(); it cannot be used any more")
+
+    def close(self) -> None:
+        """Remove the spill file and directory now. The tape cannot be used afterwards if words were on disk."""
+        self._closed = self.base > 0
+        self._file.remove()
+
+    # --- the memory window -------------------------------------------------------------------------------------
+    def _spill(self, s: int) -> None:
+        """Move the bottom ``s`` words of the window (a multiple of the block) to the file."""
+        B = self.block_words
+        host = self.xp.to_numpy_u16(self.words, s)
+        for i in range(0, s, B):           # all blocks written before anything in memory changes
+            self._file.append(host[i:i + B])
+        fill = self.num_words - self.base
+        rest = fill - s
+        if rest:
+            self.words[:rest] = _copy(self.words[s:fill])
+        self.base += s
+
+    def _load(self, pos: int) -> None:
+        """Bring stack positions [pos, num_words) into memory (reading whole blocks back from the file's end)."""
+        if pos >= self.base:
+            return
+        self._check_open()
+        B = self.block_words
+        new_base = (pos // B) * B
+        k = self.base - new_base
+        fill = self.num_words - self.base
+        cap = int(self.words.shape[0])
+        if k + fill > cap:
+            self.words = self.xp.grow(self.words, k + fill + max(MIN_WORDS, (k + fill) >> 5))
+        host = isinstance(self.words, np.ndarray)
+        if fill:
+            self.words[k:k + fill] = _copy(self.words[:fill])
+        dst = self.words[:k] if host else np.empty(k, dtype=np.uint16)
+        try:
+            for i in range(k - B, -1, -B):      # k is a multiple of B: whole blocks, last one first
+                self._file.read(dst[i:i + B], 2 * (new_base + i))
+            self._file.truncate(2 * new_base)
+        except BaseException:
+            if fill:   # put the window back as it was
+                self.words[:fill] = _copy(self.words[k:k + fill])
+            raise
+        if not host:
+            self.words[:k] = self.xp.from_numpy_u16(dst)
+        self.base = new_base
+
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more words in memory; spills the oldest whole blocks first when the window would
+        exceed two blocks."""
+        fill = self.num_words - self.base
+        B = self.block_words
+        if fill + extra > 2 * B and fill >= B:
+            self._check_open()
+            self._spill((fill // B) * B)
+            fill = self.num_words - self.base
+        need = fill + extra
+        cap = int(self.words.shape[0])
+        if need > cap:
+            self.words = self.xp.grow(self.words, max(need, cap + max(MIN_WORDS, cap >> 5)))
+
+    def trim(self) -> None:
+        fill = self.num_words - self.base
+        cap = int(self.words.shape[0])
+        target = 0 if fill == 0 else fill + max(MIN_WORDS, fill >> 5)
+        if cap - target > max(MIN_WORDS, cap >> 4):
+            self.words = self.xp.grow(self.words, target)
+            if self.xp is HostArrays:
+                release_free_memory()
+
+    def plan(self, h: np.ndarray, push: bool) -> np.ndarray:
+        """As :meth:`TapeStorage.plan`, with offsets relative to the memory window (loading words back first)."""
+        p = self.pending
+        moves = (p + h >= WORD_BITS) if push else ((h > 0) & (p < h))
+        sizes = np.where(moves, self.sizes, 0)
+        n = int(sizes.sum())
+        if push:
+            if n:
+                self.reserve(n)
+            start = self.num_words - self.base
+        else:
+            if n > self.num_words:
+                raise AssertionError("tape stack holds fewer words than the pops need")  # structural: see at_start
+            self._load(self.num_words - n)
+            start = self.num_words - n - self.base
+        return np.where(moves, start + np.cumsum(sizes) - sizes, -1)
+
+    def stack_words(self) -> np.ndarray:
+        self._check_open()
+        out = np.empty(self.num_words, dtype=np.uint16)
+        B = self.block_words
+        for i in range(0, self.base, B):
+            n = min(B, self.base - i)
+            self._file.read(out[i:i + n], 2 * i)
+        out[self.base:] = self.xp.to_numpy_u16(self.words, self.num_words - self.base)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated in memory (heads, the stack's memory window, the group table); see :attr:`spilled_bytes`."""
+        return super().nbytes
+
+
+def tape_storage(num_lanes: int, offsets: Optional[Sequence[int]] = None, arrays: Any = HostArrays, *,
+                 tape_dir=None, block_bytes: Optional[int] = None) -> TapeStorage:
+    """A :class:`TapeStorage` (``tape_dir`` None: in memory, the default) or a :class:`SpillTapeStorage`."""
+    if tape_dir is None:
+        if block_bytes is not None:
+            raise TypeError("block_bytes needs tape_dir (it sizes the blocks written to disk)")
+        return TapeStorage(num_lanes, offsets, arrays)
+    return SpillTapeStorage(num_lanes, offsets, arrays, tape_dir=tape_dir,
+                            block_bytes=DEFAULT_SPILL_BLOCK_BYTES if block_bytes is None else block_bytes)

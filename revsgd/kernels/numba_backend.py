@@ -39,7 +39,7 @@ _UNSH0, _UNSH1, _UNSH2 = 4, 4 | 16, 4 | 32
 _UNDO_FAILED = -1
 
 _F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
-_NO_FLOAT = np.zeros(0, dtype=np.float64)       # "no G" / "no P"
+_NO32, _NO64 = np.zeros(0, np.float32), np.zeros(0, np.float64)   # "no G" / "no P"
 _OFF = (np.zeros(0, np.uint16), np.zeros(0, np.uint16), np.zeros(1, np.int64), np.zeros(1, np.int64),
         np.zeros(1, np.int64), False)            # a tape with no work
 
@@ -129,22 +129,27 @@ if available:
 
     # --- the P output (second pass) -----------------------------------------------------------------------
     @_jit
-    def _write_p(W, P, off, scale, a, b):
+    def _write_p(W, P32, P64, off, scale, a, b):
+        """P = f64(W)·scale[group] on lanes [a, b): into P32 (float32) if it has lanes, else P64 (or nowhere)."""
         g = _group_of(off, a)
         lo = a
         while lo < b:
             hi = min(b, off[g + 1])
             c = _at(scale, g)
-            for i in range(lo, hi):
-                P[i] = np.float64(W[i]) * c
+            if P32.shape[0] != 0:
+                for i in range(lo, hi):
+                    P32[i] = np.float32(np.float64(W[i]) * c)
+            elif P64.shape[0] != 0:
+                for i in range(lo, hi):
+                    P64[i] = np.float64(W[i]) * c
             lo = hi
             g += 1
 
     @_pjit
-    def _write_p_chunks(W, P, off, scale):
+    def _write_p_chunks(W, P32, P64, off, scale):
         L = W.shape[0]
         for c in prange((L + CHUNK - 1) // CHUNK):
-            _write_p(W, P, off, scale, c * CHUNK, min(L, (c + 1) * CHUNK))
+            _write_p(W, P32, P64, off, scale, c * CHUNK, min(L, (c + 1) * CHUNK))
 
     # --- checks (they guard memory: no bounds checks in the loops) ----------------------------------------
     @_jit
@@ -156,6 +161,13 @@ if available:
             if off[k + 1] <= off[k]:
                 raise ValueError("group offsets must increase strictly")
         return G
+
+    @_jit
+    def _lanes_ok(G32, G64, P32, P64, st, L):
+        """G (if used) one entry per lane in exactly one of G32 / G64; P: none, or one entry per lane."""
+        g_ok = not st or (G32.shape[0] == L) != (G64.shape[0] == L)
+        p_ok = (P32.shape[0] == 0 or P32.shape[0] == L) and (P64.shape[0] == 0 or P64.shape[0] == L)
+        return g_ok and p_ok and (P32.shape[0] == 0 or P64.shape[0] == 0)
 
     @_jit
     def _check_param(a, G):
@@ -222,21 +234,21 @@ if available:
         _check_tape(tape, off, L)
         nch = (L + CHUNK - 1) // CHUNK
         if nch == 1:
-            s, e = _shift_range(X, off, tape, fwd, 0, L, False)
+            s, e = _shift_range(X, off, tape, fwd, np.int64(0), L, np.bool_(False))
             if e != 0:
-                s2, e2 = _shift_range(X, off, tape, not fwd, 0, s, True)
+                s2, e2 = _shift_range(X, off, tape, not fwd, np.int64(0), s, np.bool_(True))
                 if s2 != s or e2 != 0:
                     raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, s
             return 0, -1
         stop = np.empty(nch, np.int64)
         err = np.zeros(nch, np.int64)
-        _shift_chunks(X, off, tape, fwd, False, stop, err)
+        _shift_chunks(X, off, tape, fwd, np.bool_(False), stop, err)
         for c in range(nch):
             if err[c] != 0:
                 e, lane = err[c], stop[c]
                 err[:] = 0
-                _shift_chunks(X, off, tape, not fwd, True, stop, err)
+                _shift_chunks(X, off, tape, not fwd, np.bool_(True), stop, err)
                 for c2 in range(nch):
                     if err[c2] != 0:
                         raise RuntimeError("undoing a failed op failed (internal error)")
@@ -245,7 +257,8 @@ if available:
 
     # --- momentum -----------------------------------------------------------------------------------------
     @_jit
-    def _mom_range(V, W, G, off, cv, cp, lam, fv, fw, tape, fwd, st, po, a, b, undo):
+    def _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, a, b, undo):
+        g32 = G32.shape[0] != 0
         two_fv = 2.0**fv
         sv = 2.0 ** (fw - fv)
         ws = 2.0**-fw
@@ -270,7 +283,7 @@ if available:
                     if bad:
                         return i, _ADD1
                 if st:
-                    gr = np.float64(G[i])
+                    gr = np.float64(G32[i]) if g32 else G64[i]
                     if not np.isfinite(gr):
                         return i, _GRAD0
                     gr = gr + lamg * (np.float64(w) * ws)
@@ -309,12 +322,12 @@ if available:
         return b, 0
 
     @_pjit
-    def _mom_chunks(V, W, G, off, cv, cp, lam, fv, fw, tape, fwd, st, po, undo, stop, err):
+    def _mom_chunks(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, undo, stop, err):
         L = V.shape[0]
         for c in prange(stop.shape[0]):
             a = c * CHUNK
             b = stop[c] if undo else min(L, a + CHUNK)
-            s, e = _mom_range(V, W, G, off, cv, cp, lam, fv, fw, tape, fwd, st, po, a, b, undo)
+            s, e = _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, a, b, undo)
             if undo:
                 if s != b or e != 0:
                     err[c] = _UNDO_FAILED
@@ -322,10 +335,10 @@ if available:
                 stop[c], err[c] = s, e
 
     @_jit
-    def _momentum(V, W, G, P, off, cv, cp, lam, fv, fw, tape, fwd, st, po):
+    def _momentum(V, W, G32, G64, P32, P64, off, cv, cp, lam, fv, fw, tape, fwd, st, po):
         L = V.shape[0]
         Gn = _check_groups(off, L)
-        if W.shape[0] != L or (st and G.shape[0] != L) or (P.shape[0] != 0 and P.shape[0] != L):
+        if W.shape[0] != L or not _lanes_ok(G32, G64, P32, P64, st, L):
             raise ValueError("arrays must have one entry per lane")
         _check_param(cv, Gn)
         _check_param(cp, Gn)
@@ -335,35 +348,36 @@ if available:
         _check_tape(tape, off, L)
         nch = (L + CHUNK - 1) // CHUNK
         if nch == 1:
-            s, e = _mom_range(V, W, G, off, cv, cp, lam, fv, fw, tape, fwd, st, po, 0, L, False)
+            s, e = _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, np.int64(0), L, np.bool_(False))
             if e != 0:
-                s2, e2 = _mom_range(V, W, G, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, 0, s, True)
+                s2, e2 = _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, np.int64(0), s, np.bool_(True))
                 if s2 != s or e2 != 0:
                     raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, s
-            if po and P.shape[0] != 0:
-                _write_p(W, P, off, np.full(1, 2.0**-fw), 0, L)
+            if po:
+                _write_p(W, P32, P64, off, np.full(1, 2.0**-fw), np.int64(0), L)
             return 0, -1
         stop = np.empty(nch, np.int64)
         err = np.zeros(nch, np.int64)
-        _mom_chunks(V, W, G, off, cv, cp, lam, fv, fw, tape, fwd, st, po, False, stop, err)
+        _mom_chunks(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, np.bool_(False), stop, err)
         for c in range(nch):
             if err[c] != 0:
                 e, lane = err[c], stop[c]
                 err[:] = 0
-                _mom_chunks(V, W, G, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, True, stop, err)
+                _mom_chunks(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, np.bool_(True), stop, err)
                 for c2 in range(nch):
                     if err[c2] != 0:
                         raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, lane
-        if po and P.shape[0] != 0:
-            _write_p_chunks(W, P, off, np.full(1, 2.0**-fw))
+        if po:
+            _write_p_chunks(W, P32, P64, off, np.full(1, 2.0**-fw))
         return 0, -1
 
     # --- adam ---------------------------------------------------------------------------------------------
     @_jit
-    def _adam_range(M, S, W, G, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo):
+    def _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo):
         c1a, c2a, lama, ama, asa, sba, epsa, cua, wsa = prm
+        g32 = G32.shape[0] != 0
         two_fm, two_fs, two_fw = 2.0**fm, 2.0**fs, 2.0**fw
         g = _group_of(off, a)
         lo = a
@@ -398,7 +412,7 @@ if available:
                         if not ok:
                             return i, _UNSH2
                 if st:
-                    gr = np.float64(G[i])
+                    gr = np.float64(G32[i]) if g32 else G64[i]
                     if not np.isfinite(gr):
                         return i, _GRAD0
                     gr = gr + lam * (np.float64(w) * ws)
@@ -460,12 +474,12 @@ if available:
         return b, 0
 
     @_pjit
-    def _adam_chunks(M, S, W, G, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, undo, stop, err):
+    def _adam_chunks(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, undo, stop, err):
         L = M.shape[0]
         for c in prange(stop.shape[0]):
             a = c * CHUNK
             b = stop[c] if undo else min(L, a + CHUNK)
-            s, e = _adam_range(M, S, W, G, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo)
+            s, e = _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo)
             if undo:
                 if s != b or e != 0:
                     err[c] = _UNDO_FAILED
@@ -473,11 +487,10 @@ if available:
                 stop[c], err[c] = s, e
 
     @_jit
-    def _adam(M, S, W, G, P, off, prm, ps, fm, fs, fw, tm, ts, tw, fwd, st, po):
+    def _adam(M, S, W, G32, G64, P32, P64, off, prm, ps, fm, fs, fw, tm, ts, tw, fwd, st, po):
         L = M.shape[0]
         Gn = _check_groups(off, L)
-        if (S.shape[0] != L or W.shape[0] != L or (st and G.shape[0] != L)
-                or (P.shape[0] != 0 and P.shape[0] != L)):
+        if S.shape[0] != L or W.shape[0] != L or not _lanes_ok(G32, G64, P32, P64, st, L):
             raise ValueError("arrays must have one entry per lane")
         c1, c2, lam, am, as_, sb, eps, cu, ws = prm
         for a in (c1, c2, lam, am, as_, sb, eps, cu, ws, ps):
@@ -489,29 +502,29 @@ if available:
         _check_tape(tw, off, L)
         nch = (L + CHUNK - 1) // CHUNK
         if nch == 1:
-            s, e = _adam_range(M, S, W, G, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, 0, L, False)
+            s, e = _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, np.int64(0), L, np.bool_(False))
             if e != 0:
-                s2, e2 = _adam_range(M, S, W, G, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, 0, s, True)
+                s2, e2 = _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, np.int64(0), s, np.bool_(True))
                 if s2 != s or e2 != 0:
                     raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, s
-            if po and P.shape[0] != 0:
-                _write_p(W, P, off, ps, 0, L)
+            if po:
+                _write_p(W, P32, P64, off, ps, np.int64(0), L)
             return 0, -1
         stop = np.empty(nch, np.int64)
         err = np.zeros(nch, np.int64)
-        _adam_chunks(M, S, W, G, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, False, stop, err)
+        _adam_chunks(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, np.bool_(False), stop, err)
         for c in range(nch):
             if err[c] != 0:
                 e, lane = err[c], stop[c]
                 err[:] = 0
-                _adam_chunks(M, S, W, G, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, True, stop, err)
+                _adam_chunks(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, np.bool_(True), stop, err)
                 for c2 in range(nch):
                     if err[c2] != 0:
                         raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, lane
-        if po and P.shape[0] != 0:
-            _write_p_chunks(W, P, off, ps)
+        if po:
+            _write_p_chunks(W, P32, P64, off, ps)
         return 0, -1
 
 
@@ -545,12 +558,15 @@ def _commit(st, h, push: bool, rows) -> None:
         st.commit(h, push)
 
 
-def _float(a, what: str, used: bool):
+def _floats(a, what: str, used: bool):
+    """(float32 array, float64 array): ``a`` in the slot of its dtype, the other empty (one compiled variant)."""
     if not used or a is None:
-        return _NO_FLOAT
-    if a.dtype != _F32 and a.dtype != _F64:
-        raise TypeError(f"{what} must be float32 or float64, got {a.dtype} (no silent conversion)")
-    return a
+        return _NO32, _NO64
+    if a.dtype == _F32:
+        return a, _NO64
+    if a.dtype == _F64:
+        return _NO32, a
+    raise TypeError(f"{what} must be float32 or float64, got {a.dtype} (no silent conversion)")
 
 
 def shift(st, X, h, forward) -> None:
@@ -565,8 +581,10 @@ def shift(st, X, h, forward) -> None:
 def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
     h = prm.h
     tape, rows = _tape(st, h, forward) if state else (_OFF, None)
-    e, lane = _momentum(V, W, _float(G, "G", state), _float(P, "P", position), st.offsets, prm.cv, prm.cp, prm.lam,
-                        prm.frac_v, prm.frac_w, tape, forward, state, position)
+    G32, G64 = _floats(G, "G", state)
+    P32, P64 = _floats(P, "P", position)
+    e, lane = _momentum(V, W, G32, G64, P32, P64, st.offsets, prm.cv, prm.cp, prm.lam, prm.frac_v, prm.frac_w,
+                        tape, forward, state, position)
     if e:
         raise KernelError(int(e), int(lane))
     if state:
@@ -582,7 +600,9 @@ def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
         tm = ts = _OFF
         rm = rs = None
     tw, rw = _tape(stw, prm.hw, forward) if position else (_OFF, None)
-    e, lane = _adam(M, S, W, _float(G, "G", state), _float(P, "P", position), stm.offsets,
+    G32, G64 = _floats(G, "G", state)
+    P32, P64 = _floats(P, "P", position)
+    e, lane = _adam(M, S, W, G32, G64, P32, P64, stm.offsets,
                     (prm.c1, prm.c2, prm.lam, prm.am, prm.as_, prm.sb, prm.eps, prm.cu, prm.ws), prm.ps,
                     prm.frac_m, prm.frac_s, prm.frac_w, tm, ts, tw, forward, state, position)
     if e:

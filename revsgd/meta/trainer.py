@@ -1,7 +1,7 @@
 """The meta loop: gradient-based hyperparameter optimisation with one :func:`revsgd.hypergrad` per meta-iteration.
 
 You provide the free tensors (see :mod:`revsgd.meta.params`) and ``build(seed) -> MetaSpec``, which reads them and
-returns the losses, params0, lr, momentum and hypers of one training run whose minibatches are drawn from
+returns the losses, params0, optimiser, schedules and hypers of one training run whose minibatches are drawn from
 ``seed`` (a fresh seed per meta-iteration). Each meta-iteration computes the exact hypergradient, carries it back
 to the free tensors with torch autograd, takes one optimiser step (Adam by default), appends a record and writes
 a checkpoint (free tensors + optimiser state + records, readable with ``torch.load(weights_only=True)``),
@@ -31,12 +31,13 @@ __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "MetaSpec", "MetaTrainer"]
 
 @dataclass
 class MetaSpec:
-    """One training run, as a differentiable function of the free tensors."""
+    """One training run, as a differentiable function of the free tensors: ``schedules`` maps the optimiser's
+    schedule names ("lr", "momentum", "beta1", …) to tensors of shape (T,) or (T, groups)."""
     train_loss: Callable
     val_loss: Callable
     params0: dict
-    lr: torch.Tensor
-    momentum: torch.Tensor
+    schedules: dict
+    optimizer: Any = "sgd"
     hypers: dict = field(default_factory=dict)
     evaluate: Optional[Callable[[dict], dict]] = None   # final params -> extra metrics (floats) for the record;
     # by default the record's "train_loss" is the final params' loss on the last step's minibatch (evaluate may
@@ -127,11 +128,14 @@ class MetaTrainer:
         seed = self.seed0 + self.iteration
         with torch.enable_grad():
             spec = self.build(seed)
+            if not isinstance(spec.schedules, dict) or not spec.schedules:
+                raise TypeError("MetaSpec.schedules must be a non-empty dict of schedule name -> Tensor")
             res = hypergrad(spec.train_loss, spec.val_loss, {k: v.detach() for k, v in spec.params0.items()},
-                            lr=spec.lr.detach(), momentum=spec.momentum.detach(),
+                            optimizer=spec.optimizer, **{k: v.detach() for k, v in spec.schedules.items()},
                             hypers={k: v.detach() for k, v in spec.hypers.items()}, method=self.method,
                             **self.options)
-            outs, grads = [spec.lr, spec.momentum], [res.grads["lr"], res.grads["momentum"]]
+            outs = list(spec.schedules.values())
+            grads = [res.grads[k] for k in spec.schedules]
             for k, v in spec.params0.items():
                 outs.append(v)
                 grads.append(res.grads["params0"][k])
@@ -148,8 +152,9 @@ class MetaTrainer:
                "tape_bytes": int(res.stats.get("tape_bytes", 0)),
                "seconds_hypergrad": res.stats.get("seconds_forward", 0.0) + res.stats.get("seconds_reverse", 0.0)}
         with torch.no_grad():  # the final params' loss on the last step's minibatch (evaluate may refine it)
+            T = next(iter(spec.schedules.values())).shape[0]
             rec["train_loss"] = float(spec.train_loss(res.params, {k: v.detach() for k, v in spec.hypers.items()},
-                                                      spec.lr.shape[0] - 1))
+                                                      T - 1))
         if spec.evaluate is not None:
             extra = {k: float(v) for k, v in spec.evaluate(res.params).items()}
             clash = sorted(k for k in extra if not isinstance(k, str) or k in ckpt.RECORD_RESERVED)
