@@ -127,12 +127,14 @@ class Reversible:
         if not isinstance(val, torch.Tensor) or val.numel() != 1:
             raise TypeError("backward() takes the scalar validation loss tensor")
         prob = self._prob
-        wrt = [prob.P] + prob._req + ([self._R] if self._R is not None else [])
+        wrt = prob._lv + prob._req + ([self._R] if self._R is not None else [])
         out = torch.autograd.grad(val.reshape(()), wrt, allow_unused=True)
-        dw = torch.zeros_like(prob.P, dtype=torch.float64) if out[0] is None else out[0].to(torch.float64)
         if self._R is not None:
             prob.d_buffers = None if out[-1] is None else out[-1].to(torch.float64)
             out = out[:-1]
+        n = len(prob._lv)
+        dw = prob._flat(out[:n]).to(torch.float64)
+        out = (None,) + tuple(out[n:])
         self.val_loss = float(val.detach())
         self._val_stack.close()
         res = self._u.reverse(dw, prob._per_hyper(out[1:]))

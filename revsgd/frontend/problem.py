@@ -29,9 +29,10 @@ def scalar(loss, what: str, t: Optional[int] = None) -> torch.Tensor:
 
 
 class TorchProblem(Problem):
-    """Losses ``train_loss(params, hypers, t)`` and ``val_loss(params, hypers)`` on dicts of tensors that are views of
-    one flat leaf ``P`` (model dtype): the gradient of a step is one ``autograd.grad`` with respect to P, with no
-    per-step flattening. With ``seed`` set, step t runs under torch's RNG seeded from (seed, t)."""
+    """Losses ``train_loss(params, hypers, t)`` and ``val_loss(params, hypers)`` on a dict of leaf tensors whose
+    memory is one flat buffer ``P`` (model dtype): writing w_t into P is what the leaves see, and a first-order
+    gradient accumulates in place into one flat buffer (each leaf's ``.grad`` is a view of it) — the cost of plain
+    training, with no per-step flattening. With ``seed`` set, step t runs under torch's RNG seeded from (seed, t)."""
 
     def __init__(self, train_loss: TrainLoss, val_loss: Optional[ValLoss], params: Params, hypers: dict,
                  threads: int, seed: Optional[int] = 0, steps: int = 0):
@@ -43,8 +44,12 @@ class TorchProblem(Problem):
         if seed is not None and not is_step_seeded(train_loss):
             train_loss = step_seeded(train_loss, seed)
         self.train_loss, self.val_loss = train_loss, val_loss
-        self.P = params.flat().to(params.dtype).to(params.device).requires_grad_(True)
-        self.views = params.views(self.P)
+        self.P = params.flat().to(params.dtype).to(params.device)
+        self.views = {k: v.requires_grad_() for k, v in params.views(self.P).items()}
+        self._lv = list(self.views.values())
+        self._G = torch.zeros_like(self.P)
+        for leaf, gv in zip(self._lv, params.views(self._G).values()):
+            leaf.grad = gv
         self.hypers = {k: v.detach() for k, v in hypers.items()}
         self.leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in hypers.items()}
         self._req = [h for h in self.leaves.values() if h.requires_grad]
@@ -64,22 +69,29 @@ class TorchProblem(Problem):
         return loss, u
 
     def grad(self, t: int) -> torch.Tensor:
+        """∇L at P, accumulated in place into the flat buffer (returned; the next call reuses it)."""
         self._check_threads()
+        self._G.zero_()
         with torch.enable_grad():
             loss, u = self._loss(self.hypers, t)
-            g, = torch.autograd.grad(loss, self.P, allow_unused=True)
+            if loss.requires_grad:
+                loss.backward(inputs=self._lv)
         self.aux = None if u is None else u.detach()
-        return torch.zeros_like(self.P) if g is None else g
+        return self._G
+
+    def _flat(self, gs) -> torch.Tensor:
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, self._lv)])
 
     def grad_vjp(self, t: int):
         self._check_threads()
         with torch.enable_grad():
             loss, u = self._loss(self.leaves, t)
-            g, = torch.autograd.grad(loss, self.P, create_graph=True, allow_unused=True)
-        if g is None:
-            g = torch.zeros_like(self.P)
+            gs = torch.autograd.grad(loss, self._lv, create_graph=True, allow_unused=True) if loss.requires_grad \
+                else [None] * len(self._lv)
+            g = self._flat(gs)
         self.aux = None if u is None else u.detach()
-        wrt = [self.P] + self._req
+        wrt = self._lv + self._req
+        n = len(self._lv)
 
         def vjp(dg: torch.Tensor, du: Optional[torch.Tensor] = None):
             outs = [(g, dg.to(g.dtype))] if g.requires_grad else []
@@ -90,7 +102,7 @@ class TorchProblem(Problem):
             with torch.enable_grad():
                 out = torch.autograd.grad([o for o, _ in outs], wrt, grad_outputs=[c for _, c in outs],
                                           allow_unused=True)
-            return _f64(out[0], dg), self._per_hyper(out[1:])
+            return self._flat(out[:n]).to(torch.float64), self._per_hyper(out[n:])
         return g, vjp
 
     def set_buffers(self, R: torch.Tensor) -> None:
@@ -116,7 +128,7 @@ class TorchProblem(Problem):
                 fv = scalar(self.val_loss(self.views, self.leaves), "val_loss").item()   # torch's own kernels
         with torch.enable_grad(), self.eval_buffers(R):
             f = scalar(self.val_loss(self.views, self.leaves), "val_loss")
-            wrt = [self.P] + self._req + ([R] if R is not None else [])
+            wrt = self._lv + self._req + ([R] if R is not None else [])
             out = torch.autograd.grad(f, wrt, allow_unused=True)
         if R is None:
             fv = f.item()
@@ -125,7 +137,8 @@ class TorchProblem(Problem):
         if R is not None:
             self.d_buffers = _f64(out[-1], R)
             out = out[:-1]
-        return fv, _f64(out[0], self.P), self._per_hyper(out[1:])
+        n = len(self._lv)
+        return fv, self._flat(out[:n]).to(torch.float64), self._per_hyper(out[n:])
 
     def hyper_zeros(self) -> list:
         return [torch.zeros_like(h, dtype=torch.float64) if h.is_floating_point() else None

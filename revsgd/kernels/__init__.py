@@ -25,6 +25,8 @@ from ..core.tapeformat import TapeStorage
 from . import codes
 from .vectorized import AdamParams, KernelError, MomentumParams
 
+_FIELDS = {c: [f.name for f in fields(c) if not f.name.startswith("frac")] for c in (MomentumParams, AdamParams)}
+
 __all__ = ["BACKENDS", "TapeExhaustedError", "get_backend", "set_num_threads", "get_num_threads", "MAX_THREADS",
            "shift", "momentum", "adam", "MomentumParams", "AdamParams", "TRIM_EVERY"]
 
@@ -130,19 +132,15 @@ def _message(e: KernelError, names: Sequence[str], frac_bits: Sequence[int]) -> 
 
 
 def _per_group(prm, G: int):
-    """Every per-group parameter as a contiguous (G,) array (a length-1 array is one value for all groups), so
-    backends index parameters by group without special cases."""
-    for f in fields(prm):
-        v = getattr(prm, f.name)
-        if isinstance(v, np.ndarray):
-            if v.shape == (G,):
-                if not v.flags.c_contiguous or v.dtype not in (np.float64, np.int64):
-                    setattr(prm, f.name, np.ascontiguousarray(v, dtype=np.int64 if v.dtype.kind in "iu" else
-                                                              np.float64))
-            elif v.shape == (1,):
-                setattr(prm, f.name, np.full(G, v[0], dtype=np.int64 if v.dtype.kind in "iu" else np.float64))
-            else:
-                raise ValueError(f"kernel parameter {f.name} has shape {v.shape}, expected (1,) or ({G},)")
+    """Every per-group parameter as a contiguous (G,) float64 or int64 array (a length-1 array is one value for all
+    groups), so backends index parameters by group without special cases."""
+    for f in _FIELDS[type(prm)]:
+        v = getattr(prm, f)
+        if v.shape != (G,) or not v.flags.c_contiguous or v.dtype.kind not in "fi" or v.itemsize != 8:
+            if v.shape not in ((G,), (1,)):
+                raise ValueError(f"kernel parameter {f} has shape {v.shape}, expected (1,) or ({G},)")
+            setattr(prm, f, np.ascontiguousarray(np.broadcast_to(v, (G,)),
+                                                 dtype=np.int64 if v.dtype.kind in "iu" else np.float64))
     return prm
 
 

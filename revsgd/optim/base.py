@@ -50,6 +50,7 @@ class Schedules:
         self._lengths = torch.from_numpy(self.sizes).to(device)
         self._gid = torch.repeat_interleave(torch.arange(self.G, device=device), self._lengths)
         self._dev: dict[str, torch.Tensor] = {}
+        self._grid: dict[str, np.ndarray] = {}
 
     def dev(self, name: str) -> torch.Tensor:
         d = self._dev.get(name)
@@ -64,10 +65,14 @@ class Schedules:
             return float(v[t])
         return self.dev(name)[t][self._gid]
 
-    def groups(self, name: str, t: int) -> np.ndarray:
-        """Step t's value per kernel group, shape (G,) (a (T,) schedule broadcast when the tape has G groups)."""
-        v = self.host[name][t]
-        return np.broadcast_to(v, (self.G,)) if v.ndim == 0 else v
+    def grid(self, name: str) -> np.ndarray:
+        """The schedule as a contiguous (T, G) array (a (T,) schedule repeated per group), made once."""
+        g = self._grid.get(name)
+        if g is None:
+            v = self.host[name]
+            g = self._grid[name] = np.ascontiguousarray(np.broadcast_to(v[:, None] if v.ndim == 1 else v,
+                                                                        (self.T, self.G)))
+        return g
 
     def reduce(self, parts: dict, t: int, into: dict) -> None:
         """Add each per-lane contribution's sum to ``into[name][t]``: over all lanes where ``into[name]`` is (T,),
@@ -398,6 +403,15 @@ class Plan:
         return torch.from_numpy(np.ascontiguousarray(vals_g)).to(self.sch.device)[self.sch._gid]
 
     def groups(self, name: str, t: int) -> np.ndarray:
-        """A schedule's or derived value's step-t values per group, shape (G,)."""
-        v = self.derived[name][t] if name in self.derived else self.sch.host[name][t]
-        return np.broadcast_to(v, (self.sch.G,)) if np.ndim(v) == 0 else v
+        """A schedule's or derived value's step-t values per group: a (G,) row of a contiguous (T, G) grid."""
+        if name in self.derived:
+            g = self._grid.get(name)
+            if g is None:
+                v = self.derived[name]
+                g = self._grid[name] = np.ascontiguousarray(
+                    np.broadcast_to(v[:, None] if v.ndim == 1 else v, (self.sch.T, self.sch.G)))
+            return g[t]
+        return self.sch.grid(name)[t]
+
+    def __post_init__(self):
+        self._grid: dict = {}
