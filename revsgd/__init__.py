@@ -13,3 +13,4 @@ from .frontend.data import StepSampler
 from .frontend.randomness import seeded, step_seeded
 
 __version__ = "0.2.0"
+from . import meta  # noqa: E402  (revsgd.meta.params, revsgd.meta.MetaTrainer)

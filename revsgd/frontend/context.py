@@ -10,7 +10,8 @@
     # the model keeps w_T, BatchNorm statistics and num_batches_tracked as plain training leaves them
 
 Inside the block the model's parameters are views of revsgd's flat parameter buffer (its buffers are managed too);
-the step function is called twice per step (forward and reverse pass) and must be a pure function of t — its
+the step function is called twice per step (forward and reverse pass, each time with the train/eval modes the
+modules had when ``fit`` started) and must be a pure function of t — its
 minibatch a function of t (:class:`revsgd.StepSampler`), its randomness seeded by t (automatic: torch's RNG is
 seeded from (seed, t) around each call). Hyperparameters that should get a gradient are passed as ``hypers`` and
 read inside the step function as ``run.hypers[name]``.
@@ -24,7 +25,7 @@ import torch
 
 from ..engine.buffers import KEY
 from ..optim import ReversibleOptimizer
-from .functional import _hyper_grads, _originals, _Run, _schedule_args
+from .functional import _hyper_grads, _Run, _schedule_args
 from .inputs import pinned_threads
 
 StepLoss = Callable[[int], torch.Tensor]
@@ -74,8 +75,18 @@ class Reversible:
     # the engine calls these with the flat leaf's views; the user's step function uses the model itself
     def _train_loss(self, params: dict, hypers: dict, t: int):
         self._hypers = hypers
-        with _Swap(self.model, params):
-            return self._step(t)
+        modules = self._modules
+        now = [m.training for m in modules]
+        if now != self._modes:      # e.g. model.eval() for the validation loss before backward(): replay fit's modes
+            for m, mode in zip(modules, self._modes):
+                m.training = mode
+        try:
+            with _Swap(self.model, params):
+                return self._step(t)
+        finally:
+            if now != self._modes:
+                for m, mode in zip(modules, now):
+                    m.training = mode
 
     def _val_loss(self, params: dict, hypers: dict):
         raise RuntimeError("unreachable: reversible() takes the validation loss through backward()")
@@ -101,6 +112,8 @@ class Reversible:
         if not callable(step_loss):
             raise TypeError("fit() takes a function t -> loss")
         self._step = step_loss
+        self._modules = list(self.model.modules())
+        self._modes = [m.training for m in self._modules]    # every step runs with these train/eval modes
         self._u = self._run.unroll(self._prob)
         self._wT, self._stT = self._u.forward()
         self._state = "fitted"
@@ -119,9 +132,11 @@ class Reversible:
         self._hypers = prob.leaves
 
     def backward(self, val: torch.Tensor) -> dict:
-        """The reverse pass from a validation loss computed with the model after :meth:`fit`. Sets ``.grad`` on the
-        schedule tensors and hypers that require grad, and returns (and keeps in ``grads``) every hypergradient:
-        schedules, "params0" (d val / d w_0, a dict), hypers."""
+        """The reverse pass from a validation loss computed with the model after :meth:`fit`. Like
+        ``val.backward()``, it carries the hypergradients into the schedule tensors and hypers that require grad
+        (their ``.grad``, or further back through the graph that made them, e.g. ``log_lr`` in
+        ``lr = log_lr.exp()``), and returns (and keeps in ``grads``) every hypergradient: schedules,
+        "params0" (d val / d w_0, a dict), hypers."""
         if self._state != "fitted":
             raise RuntimeError("backward() needs a completed fit() inside the same with-block, and runs once")
         if not isinstance(val, torch.Tensor) or val.numel() != 1:
@@ -142,12 +157,11 @@ class Reversible:
         grads = run.schedule_grads(res.grads)
         grads["params0"] = run.params.unflat(res.d_w0)
         grads.update(_hyper_grads(run, res.d_theta))
-        for k, t in run.sched_tensors.items():
-            if t.requires_grad:
-                _add_grad(t, grads[k])
-        for k, h in run.hypers.items():
-            if h.requires_grad and grads.get(k) is not None:
-                _add_grad(h, grads[k])
+        pairs = [(t, grads[k]) for k, t in run.sched_tensors.items() if t.requires_grad]
+        pairs += [(h, grads[k]) for k, h in run.hypers.items() if h.requires_grad and grads.get(k) is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype).to(t.device).reshape(t.shape)
+                                                            for t, g in pairs])
         self.grads, self.stats = grads, res.stats
         self._state = "done"
         return grads
@@ -163,11 +177,6 @@ class Reversible:
         finally:
             self._threads.__exit__(*exc)
             self._state = "closed"
-
-
-def _add_grad(t: torch.Tensor, g: torch.Tensor) -> None:
-    g = g.to(t.dtype).to(t.device).reshape(t.shape)
-    t.grad = g.clone() if t.grad is None else t.grad + g
 
 
 def reversible(model: torch.nn.Module, *, optimizer: Union[str, ReversibleOptimizer] = "sgd", lr=None,
