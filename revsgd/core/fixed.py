@@ -22,6 +22,9 @@ DEFAULT_FRAC_BITS = 52
 #: Coarser grids than float32's 24-bit significand make unit-scale values lose precision: refused for states.
 MIN_FRAC_BITS = 24
 MAX_FRAC_BITS = 62
+#: Two-limb states (value = hi·2^62 + lo, 0 <= lo < 2^62): up to 61 + 62 integer-and-fraction bits.
+MAX_FRAC_BITS_2 = 122
+LIMB = 62
 #: Smallest decay factor: one step may shift out at most MAX_SHIFT bits (a factor 2^-15 at e = 1/2 needs 16).
 MIN_FACTOR = 2.0 ** -15
 MAX_SHIFT = 16
@@ -32,14 +35,14 @@ class NonFiniteError(ValueError):
     """A gradient or input held NaN or ±inf; nothing was changed."""
 
 
-def check_frac_bits(frac_bits: int, *, name: str = "frac_bits", lo: int = 0) -> int:
-    """``frac_bits`` as an int in [lo, 62]; TypeError for non-integers (bool included), ValueError outside."""
+def check_frac_bits(frac_bits: int, *, name: str = "frac_bits", lo: int = 0, hi: int = MAX_FRAC_BITS) -> int:
+    """``frac_bits`` as an int in [lo, hi]; TypeError for non-integers (bool included), ValueError outside."""
     if isinstance(frac_bits, bool) or not isinstance(frac_bits, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(frac_bits).__name__}")
-    if not lo <= int(frac_bits) <= MAX_FRAC_BITS:
+    if not lo <= int(frac_bits) <= hi:
         why = (f" (below {MIN_FRAC_BITS} the fixed-point grid is coarser than float32's precision: the "
                f"hypergradient would be silently wrong)" if lo == MIN_FRAC_BITS and frac_bits < lo else "")
-        raise ValueError(f"{name} must lie in [{lo}, {MAX_FRAC_BITS}], got {frac_bits}{why}")
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {frac_bits}{why}")
     return int(frac_bits)
 
 

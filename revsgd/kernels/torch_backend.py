@@ -2,7 +2,8 @@
 
 States are int64 tensors; the tape's heads and word stack are int16 tensors on the same device (the bits of the
 canonical uint16 words). Elementwise torch ops are deterministic and each rounds once (separate kernels: no FMA
-contraction), so the results equal the other backends' bit for bit. A failing op costs one device sync (the error
+contraction), so the results equal the other backends' bit for bit — except torch's CPU float64 sqrt, which is not
+correctly rounded: square roots on the CPU come from NumPy. A failing op costs one device sync (the error
 check); the tape's stack grows by reallocation of one flat buffer.
 """
 from __future__ import annotations
@@ -69,7 +70,15 @@ class TorchOps:
         return torch.round(y).to(torch.int64)   # round half to even
 
     isfinite = staticmethod(torch.isfinite) if available else None
-    sqrt = staticmethod(torch.sqrt) if available else None
+    floor = staticmethod(torch.floor) if available else None
+
+    @staticmethod
+    def sqrt(x):
+        """Correctly rounded: torch's CPU kernel for float64 is not (it differs from IEEE sqrt in ~1 % of inputs),
+        so on the CPU the root comes from NumPy (zero-copy); CUDA's double sqrt rounds to nearest."""
+        if x.device.type == "cpu":
+            return torch.from_numpy(np.sqrt(x.numpy()))
+        return torch.sqrt(x)
 
     @staticmethod
     def where(c, a, b):

@@ -18,11 +18,17 @@ momentum(V, W, G)    (heavy ball and torch.optim.SGD, DESIGN-style; V̂ = V/e wi
 
 adam(M, S, W, G)     (torch.optim.Adam / AdamW; M̂, Ŝ, Ŵ rescaled by their group scales)
   forward  state:    g = f64(G) + lam·(f64(W)·ws)
-                     shift(M, h1);  M += rint((c1·g)·2^Fm);  shift(S, h2);  S += rint((c2·(g·g))·2^Fs)
-           position: shift(W, hw);  q = (am·f64(M)) / (sqrt(as·f64(S)) / sb + eps);  W -= rint((cu·q)·2^Fw)
+                     shift(M, h1);  M += rint((c1·g)·2^Fm);  shift(S, h2);  S += fix2((c2·(g·g))·2^Fs)
+           position: shift(W, hw);  q = (am·f64(M)) / (sqrt(flt2(S)) / sb + eps);  W -= rint((cu·q)·2^Fw)
                      P = f64(W)·ps
   reverse  position: q as above;  W += rint((cu·q)·2^Fw);  unshift(W, hw);  P = f64(W)·ps
-           state:    g as above;  S -= rint((c2·(g·g))·2^Fs);  unshift(S, h2);  M -= rint((c1·g)·2^Fm);  unshift(M, h1)
+           state:    g as above;  S -= fix2((c2·(g·g))·2^Fs);  unshift(S, h2);  M -= rint((c1·g)·2^Fm);  unshift(M, h1)
+
+S, Adam's second moment, has two limbs (hi, lo): S = hi·2^62 + lo with 0 <= lo < 2^62 (Fs = 110 by default), so every
+addend above 2^-57 is held exactly and small moments keep their relative precision (with one int64, rounding errors
+accumulated over ~1/(1 − β2) steps and moved the hypergradient by 1e-6). fix2(y), for y >= 0: yh = floor(y·2^-62),
+yl = rint(y − yh·2^62) (the subtraction is exact); flt2(S) = (as·2^62)·f64(hi) + as·f64(lo). Adding carries
+lo >> 62 into hi; subtracting borrows. A shift moves lo's low h bits to the tape, hi's low h bits into lo's top.
 
 Errors (see :mod:`revsgd.kernels.codes`) are collected per lane in op order; if any lane fails, nothing is written
 and the lowest failing lane is reported.
@@ -39,6 +45,8 @@ from . import codes
 
 _TWO63 = 2.0**63
 _I63 = 1 << 63
+LIMB = 62                  # low limb bits of two-limb states: value = hi·2^62 + lo, 0 <= lo < 2^62
+LIMB_MASK = (1 << LIMB) - 1
 
 
 class KernelError(Exception):
@@ -104,6 +112,7 @@ class NumpyOps:
     isfinite = staticmethod(np.isfinite)
     where = staticmethod(np.where)
     sqrt = staticmethod(np.sqrt)
+    floor = staticmethod(np.floor)
 
     @staticmethod
     def zeros_i8(n: int, like=None):
@@ -207,6 +216,23 @@ def _add(ops, X, d, err, state: int, sign: int):
     return Y, _flag(ops, err, over, codes.code(codes.ADD_OVERFLOW, state))
 
 
+def _fix2(ops, y, err, state: int):
+    """fix2(y) for y >= 0 (the addend of a two-limb state): (yh, yl) with yh·2^62 + yl = rint(y)."""
+    ok = (y >= 0.0) & (y < _TWO63 * 2.0**LIMB)
+    err = _flag(ops, err, ~ok, codes.code(codes.TERM_OVERFLOW, state))
+    y = ops.where(ok, y, 0.0)
+    yh = ops.floor(y * 2.0**-LIMB)
+    return ops.rint_i64(yh), ops.rint_i64(y - yh * 2.0**LIMB), err
+
+
+def _add2(ops, hi, lo, dh, dl, err, state: int, sign: int):
+    """(hi, lo) ± (dh, dl) with the carry (borrow) between the limbs; ADD_OVERFLOW when hi leaves int64."""
+    lo2 = lo + dl if sign > 0 else lo - dl          # in (-2^62, 2^63): no wrap
+    c = lo2 >> LIMB                                 # the carry (0 or 1) or the borrow (0 or -1)
+    hi2, err = _add(ops, hi, dh + c if sign > 0 else dh - c, err, state, sign)
+    return hi2, lo2 & LIMB_MASK, err
+
+
 class _Shift:
     """A pending push (forward) or pop (reverse) of ``h`` bits per group on one tape: computes the new heads and
     words without touching the tape; :meth:`commit` writes them once every lane of the op succeeded."""
@@ -249,6 +275,26 @@ class _Shift:
             c = ops.where(self.moves, (ops.read_words(self.st.words, self.pos) << p) | c, c)
         self.head = c >> h
         return (ops.where(fits, X, 0) << h) | (c & ((1 << h) - 1)), err
+
+    def forward2(self, hi, lo):
+        """The two-limb (hi·2^62 + lo) value >> h, recording its h low bits."""
+        if not self.active:
+            return hi, lo
+        h = self.h_l
+        m = (1 << h) - 1
+        lo2 = self.forward(lo) | ((hi & m) << (LIMB - h))
+        return hi >> h, lo2
+
+    def reverse2(self, hi, lo, err, state: int):
+        """(hi·2^62 + lo) << h | the h bits recorded last; UNSHIFT_OVERFLOW where hi << h leaves int64."""
+        if not self.active:
+            return hi, lo, err
+        h = self.h_l
+        hi2, err = self.reverse(hi, err, state)          # flags overflow; its low bits (from the tape) unused
+        bits = hi2 & ((1 << h) - 1)
+        hi2 = (hi2 - bits) | (lo >> (LIMB - h))
+        lo2 = ((lo << h) & LIMB_MASK) | bits
+        return hi2, lo2, err
 
     def commit(self) -> None:
         if not self.active:
@@ -323,21 +369,22 @@ def momentum(ops, st: TapeStorage, V, W, G, P, prm: MomentumParams, forward: boo
 
 
 def adam(ops, tapes: tuple, M, S, W, G, P, prm: AdamParams, forward: bool, state: bool, position: bool) -> None:
-    """The Adam op (see the module docstring); ``tapes`` = (tape of M, of S, of W or None)."""
+    """The Adam op (see the module docstring); ``tapes`` = (tape of M, of S, of W or None), ``S`` = (hi, lo)."""
     stm, sts, stw = tapes
     lanes = lanes_of(stm, ops)
     err = ops.zeros_i8(stm.num_lanes, M)
-    M1, S1, W1 = M, S, W
+    M1, (Sh1, Sl1), W1 = M, S, W
     shifts = []
     lp = lambda v: ops.lanes_param(v, lanes.gid)  # noqa: E731
     with ops.errstate():
-        def q_of(Mx, Sx):
+        def q_of(Mx, Sh, Sl):
             m = lp(prm.am) * ops.f64(Mx)
-            s = lp(prm.as_) * ops.f64(Sx)
+            a = lp(prm.as_)
+            s = (a * 2.0**LIMB) * ops.f64(Sh) + a * ops.f64(Sl)
             return m / (ops.sqrt(s) / lp(prm.sb) + lp(prm.eps))
 
         if not forward and position:
-            u, err = _fix(ops, (lp(prm.cu) * q_of(M1, S1)) * 2.0**prm.frac_w, err, 2)
+            u, err = _fix(ops, (lp(prm.cu) * q_of(M1, Sh1, Sl1)) * 2.0**prm.frac_w, err, 2)
             W1, err = _add(ops, W1, u, err, 2, 1)
             if stw is not None:
                 shw = _Shift(ops, stw, lanes, prm.hw, False)
@@ -348,15 +395,16 @@ def adam(ops, tapes: tuple, M, S, W, G, P, prm: AdamParams, forward: bool, state
             err = _flag(ops, err, ~ops.isfinite(g), codes.code(codes.GRAD_NONFINITE, 0))
             g = g + lp(prm.lam) * (ops.f64(W1) * lp(prm.ws))
             d1, err = _fix(ops, (lp(prm.c1) * g) * 2.0**prm.frac_m, err, 0)
-            d2, err = _fix(ops, (lp(prm.c2) * (g * g)) * 2.0**prm.frac_s, err, 1)
+            dh, dl, err = _fix2(ops, (lp(prm.c2) * (g * g)) * 2.0**prm.frac_s, err, 1)
             sh1 = _Shift(ops, stm, lanes, prm.h1, forward)
             sh2 = _Shift(ops, sts, lanes, prm.h2, forward)
             if forward:
                 M1, err = _add(ops, sh1.forward(M1), d1, err, 0, 1)
-                S1, err = _add(ops, sh2.forward(S1), d2, err, 1, 1)
+                Sh1, Sl1 = sh2.forward2(Sh1, Sl1)
+                Sh1, Sl1, err = _add2(ops, Sh1, Sl1, dh, dl, err, 1, 1)
             else:
-                S1, err = _add(ops, S1, d2, err, 1, -1)
-                S1, err = sh2.reverse(S1, err, 1)
+                Sh1, Sl1, err = _add2(ops, Sh1, Sl1, dh, dl, err, 1, -1)
+                Sh1, Sl1, err = sh2.reverse2(Sh1, Sl1, err, 1)
                 M1, err = _add(ops, M1, d1, err, 0, -1)
                 M1, err = sh1.reverse(M1, err, 0)
             shifts += [sh1, sh2]
@@ -365,14 +413,15 @@ def adam(ops, tapes: tuple, M, S, W, G, P, prm: AdamParams, forward: bool, state
                 shw = _Shift(ops, stw, lanes, prm.hw, True)
                 W1 = shw.forward(W1)
                 shifts.append(shw)
-            u, err = _fix(ops, (lp(prm.cu) * q_of(M1, S1)) * 2.0**prm.frac_w, err, 2)
+            u, err = _fix(ops, (lp(prm.cu) * q_of(M1, Sh1, Sl1)) * 2.0**prm.frac_w, err, 2)
             W1, err = _add(ops, W1, u, err, 2, -1)
     _raise_first(ops, err)
     for sh in shifts:
         sh.commit()
     if state:
         ops.assign(M, M1)
-        ops.assign(S, S1)
+        ops.assign(S[0], Sh1)
+        ops.assign(S[1], Sl1)
     if position:
         ops.assign(W, W1)
         if P is not None:

@@ -25,9 +25,11 @@ class Adam(ReversibleOptimizer):
     schedule_names = ("lr", "beta1", "beta2", "eps", "weight_decay")
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
     state_names = ("exp_avg", "exp_avg_sq")
-    #: m has the gradient's scale (±2048 at 52 bits); s the squared gradient's: 56 bits hold |g| < 11 with a
-    #: resolution of 1.4e-17 (s underflows to 0 below it; an overflow is an error naming exp_avg_sq).
-    default_frac = {"exp_avg": 52, "exp_avg_sq": 56}
+    #: m has the gradient's scale (±2048 at 52 bits); s, the squared gradient's, is held in two limbs with 110
+    #: fractional bits: s < 8192 (|g| < 90; beyond, an OverflowError naming exp_avg_sq) with a resolution of 8e-34,
+    #: so every realistic update is held exactly and small moments keep their relative precision.
+    default_frac = {"exp_avg": 52, "exp_avg_sq": 110}
+    two_limb = ("exp_avg_sq",)
     decay_names = {"exp_avg": "beta1", "exp_avg_sq": "beta2", "params": "1 - lr * weight_decay"}
     decoupled = False
 
@@ -43,7 +45,7 @@ class Adam(ReversibleOptimizer):
             raise ValueError("eps must be finite and positive")
         if not np.all(np.isfinite(h["weight_decay"]) & (h["weight_decay"] >= 0)):
             raise ValueError("weight_decay must be finite and non-negative")
-        if self.decoupled and not np.all(h["lr"] * h["weight_decay"] < 1):
+        if self.decoupled and not np.all(sch.grid("lr") * sch.grid("weight_decay") < 1):
             raise ValueError("AdamW needs lr * weight_decay < 1 (the decay factor 1 - lr*weight_decay must stay positive)")
 
     def derived(self, sch: dict) -> dict:
@@ -52,7 +54,8 @@ class Adam(ReversibleOptimizer):
     def decay_factors(self, sch: Schedules) -> dict:
         f = {"exp_avg": sch.host["beta1"], "exp_avg_sq": sch.host["beta2"]}
         if self.decoupled:
-            f["params"] = 1.0 - sch.host["lr"] * sch.host["weight_decay"]
+            lr, wd = sch.host["lr"], sch.host["weight_decay"]
+            f["params"] = 1.0 - (lr * wd if lr.ndim == wd.ndim == 1 else sch.grid("lr") * sch.grid("weight_decay"))
         return f
 
     # --- exact side ----------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..core.fixed import (DEFAULT_FRAC_BITS, MIN_FRAC_BITS, check_factors, check_frac_bits, decay_scales,
-                          fixed_range)
+from ..core.fixed import (DEFAULT_FRAC_BITS, LIMB, MAX_FRAC_BITS, MAX_FRAC_BITS_2, MIN_FRAC_BITS, check_factors,
+                          check_frac_bits, decay_scales, fixed_range)
 from ..core.tapeformat import TapeStorage
 
 _TWO63 = 2.0**63
@@ -126,7 +126,8 @@ class ExactState:
     ``P`` consistent in :meth:`after_position` and assembles full float states in :meth:`gather`."""
 
     def __init__(self, w0: torch.Tensor, P: torch.Tensor, states: dict, frac: dict, decaying: tuple,
-                 offsets: np.ndarray, backend: Optional[str], lanes: Optional[tuple] = None):
+                 offsets: np.ndarray, backend: Optional[str], lanes: Optional[tuple] = None,
+                 two_limb: tuple = ()):
         self.be = kernels.get_backend(backend)
         if P.device.type != "cpu" and self.be.name != "torch":
             raise ValueError(f"backend {self.be.name!r} runs on the CPU only; params live on {P.device}: use "
@@ -139,8 +140,16 @@ class ExactState:
             raise ValueError(f"lane range {lanes} is not inside [0, {L})")
         self.W = _to_fixed_t(w0, self.frac["params"], "params0")
         n = self.hi - self.lo
-        self.X = {k: (torch.zeros(n, dtype=torch.int64, device=self.device) if v is None
-                      else _to_fixed_t(v[self.lo:self.hi], self.frac[k], k)) for k, v in states.items()}
+        self.two_limb = tuple(two_limb)
+        self.X = {}
+        for k, v in states.items():
+            if k in self.two_limb:      # value = hi·2^62 + lo: X[k] is hi, X[k + ".lo"] is lo
+                hi, lo = ((torch.zeros(n, dtype=torch.int64, device=self.device),) * 2 if v is None
+                          else _to_fixed2_t(v[self.lo:self.hi], self.frac[k], k))
+                self.X[k], self.X[k + ".lo"] = hi.clone(), lo.clone()
+            else:
+                self.X[k] = (torch.zeros(n, dtype=torch.int64, device=self.device) if v is None
+                             else _to_fixed_t(v[self.lo:self.hi], self.frac[k], k))
         g0 = int(np.searchsorted(offsets, self.lo, side="right")) - 1
         g1 = int(np.searchsorted(offsets, self.hi, side="left"))
         self.gsl = slice(g0, g1)
@@ -164,8 +173,19 @@ class ExactState:
         return t.numpy() if self._host else t
 
     def view(self, name: str):
-        """The kernel's array for state ``name`` ("params" for W) on this state's lanes."""
+        """The kernel's array for state ``name`` ("params" for W) on this state's lanes; (hi, lo) for a two-limb
+        state."""
+        if name in self.two_limb:
+            return self._views[name], self._views[name + ".lo"]
         return self._views[name]
+
+    def state_float(self, name: str) -> torch.Tensor:
+        """flt of the (rescaled) integer state on this state's lanes, float64."""
+        F = self.frac[name]
+        x = self.X[name].to(torch.float64) * 2.0 ** ((LIMB if name in self.two_limb else 0) - F)
+        if name in self.two_limb:
+            x = x + self.X[name + ".lo"].to(torch.float64) * 2.0 ** -F
+        return x
 
     def local(self, prm):
         """Per-group kernel parameters cut to the groups this state's lanes intersect (identity when unsharded)."""
@@ -249,6 +269,15 @@ def _nonfinite(name):
     return NonFiniteError(f"the update of {name} holds NaN or inf; nothing was changed")
 
 
+def _to_fixed2_t(x: torch.Tensor, frac: int, name: str) -> tuple:
+    """fix of a non-negative float vector as two limbs (hi, lo): hi·2^62 + lo = rint(x·2^F)."""
+    y = x.detach().to(torch.float64) * 2.0 ** frac
+    if not bool(torch.isfinite(y).all()) or bool((y < 0).any()) or bool((y >= 2.0 ** (61 + LIMB)).any()):
+        raise OverflowError(f"{name} must be finite, non-negative and below 2^{61 + LIMB - frac}")
+    yh = torch.floor(y * 2.0 ** -LIMB)
+    return yh.to(torch.int64), torch.round(y - yh * 2.0 ** LIMB).to(torch.int64)
+
+
 def _to_fixed_t(x: torch.Tensor, frac: int, name: str) -> torch.Tensor:
     from ..core.fixed import to_fixed
     return torch.from_numpy(to_fixed(x.detach().to(torch.float64).cpu().numpy(), frac, name=name)).to(x.device)
@@ -271,6 +300,8 @@ class ReversibleOptimizer:
     default_frac: dict = {}
     exact_refusal: Optional[str] = None
     decay_names: dict = {}
+    #: states held in two int64 limbs (value = hi·2^62 + lo) for precision: Adam's second moment
+    two_limb: tuple = ()
 
     def __init__(self, frac_bits: Optional[dict] = None):
         fb = {"params": DEFAULT_FRAC_BITS, **self.default_frac}
@@ -284,7 +315,9 @@ class ReversibleOptimizer:
             if unknown:
                 raise ValueError(f"frac_bits names unknown state(s) {sorted(unknown)}; {self.name} has {sorted(fb)}")
             fb.update(frac_bits)
-        self.frac = {k: check_frac_bits(v, name=f"frac_bits[{k!r}]", lo=MIN_FRAC_BITS) for k, v in fb.items()}
+        self.frac = {k: check_frac_bits(v, name=f"frac_bits[{k!r}]", lo=MIN_FRAC_BITS,
+                                        hi=MAX_FRAC_BITS_2 if k in self.two_limb else MAX_FRAC_BITS)
+                     for k, v in fb.items()}
 
     # --- schedules -----------------------------------------------------------------------------------------
     def check(self, sch: Schedules) -> None:
@@ -363,7 +396,7 @@ class ReversibleOptimizer:
     def exact_init(self, w0: torch.Tensor, P: torch.Tensor, plan: "Plan", backend: Optional[str],
                    state0: Optional[dict] = None) -> ExactState:
         return ExactState(w0, P, {k: None if state0 is None else state0.get(k) for k in self.state_names},
-                          self.frac, tuple(plan.decay), plan.sch.offsets, backend)
+                          self.frac, tuple(plan.decay), plan.sch.offsets, backend, two_limb=self.two_limb)
 
     def exact_step(self, ex: ExactState, g, t: int, plan: "Plan") -> None:
         raise NotImplementedError
@@ -382,7 +415,7 @@ class ReversibleOptimizer:
             w = w * plan.lanes(plan.decay["params"].e[t])
         st = {}
         for k in self.state_names:
-            v = ex.gather(ex.X[k].to(torch.float64) * 2.0 ** -self.frac[k])
+            v = ex.gather(ex.state_float(k))
             if k in plan.decay:
                 v = v * plan.lanes(plan.decay[k].e[t])
             st[k] = v
