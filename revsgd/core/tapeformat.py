@@ -72,6 +72,10 @@ class TapeFormatError(ValueError):
 class HostArrays:
     """Array operations of a storage: NumPy (host memory). A device backend supplies its own (same methods)."""
     name = "numpy"
+    #: growth step of the word stack as a fraction of its size: realloc moves large blocks by remapping, so a small
+    #: step keeps allocated bytes within a few percent of the words held
+    growth = 1 / 32
+    host_memory = True
 
     @staticmethod
     def zeros_u16(n: int) -> np.ndarray:
@@ -130,11 +134,11 @@ class TapeStorage:
 
     # --- the stack -----------------------------------------------------------------------------------------
     def reserve(self, extra: int) -> None:
-        """Room for ``extra`` more words (growth by ~3 % at a time, at least MIN_WORDS)."""
+        """Room for ``extra`` more words (growth by the arrays' ``growth`` fraction at a time, at least MIN_WORDS)."""
         need = self.num_words + extra
         cap = int(self.words.shape[0])
         if need > cap:
-            self.words = self.xp.grow(self.words, max(need, cap + max(MIN_WORDS, cap >> 5)))
+            self.words = self.xp.grow(self.words, max(need + int(need * self.xp.growth), cap + MIN_WORDS))
 
     def trim(self) -> None:
         """Give back stack memory once the stack shrank below ~94 % of its allocation."""
@@ -142,7 +146,7 @@ class TapeStorage:
         target = 0 if self.num_words == 0 else self.num_words + max(MIN_WORDS, self.num_words >> 5)
         if cap - target > max(MIN_WORDS, cap >> 4):
             self.words = self.xp.grow(self.words, target)
-            if self.xp is HostArrays:
+            if getattr(self.xp, "host_memory", False):
                 release_free_memory()
 
     def plan(self, h: np.ndarray, push: bool) -> np.ndarray:
@@ -429,6 +433,7 @@ class SpillTapeStorage(TapeStorage):
         self.tape_dir = os.path.abspath(os.fspath(tape_dir))
         self.block_words = int(block_bytes) // 2
         self.base = 0                    # stack positions [0, base) are on disk
+        self.peak_spilled_bytes = 0
         self._file = _SpillFile(self.tape_dir)
         self._closed = False
         self._finalizer = weakref.finalize(self, self._file.remove)
@@ -475,13 +480,23 @@ class SpillTapeStorage(TapeStorage):
         """Move the bottom ``s`` words of the window (a multiple of the block) to the file."""
         B = self.block_words
         host = self.xp.to_numpy_u16(self.words, s)
-        for i in range(0, s, B):           # all blocks written before anything in memory changes
-            self._file.append(host[i:i + B])
+        size0 = self._file.size
+        try:
+            for i in range(0, s, B):       # all blocks written before anything in memory changes
+                self._file.append(host[i:i + B])
+        except BaseException:
+            if self._file.fd >= 0:         # cut the file back to the tape's words
+                try:
+                    self._file.truncate(size0)
+                except OSError:
+                    pass
+            raise
         fill = self.num_words - self.base
         rest = fill - s
         if rest:
             self.words[:rest] = _copy(self.words[s:fill])
         self.base += s
+        self.peak_spilled_bytes = max(self.peak_spilled_bytes, 2 * self.base)
 
     def _load(self, pos: int) -> None:
         """Bring stack positions [pos, num_words) into memory (reading whole blocks back from the file's end)."""
@@ -523,7 +538,8 @@ class SpillTapeStorage(TapeStorage):
         need = fill + extra
         cap = int(self.words.shape[0])
         if need > cap:
-            self.words = self.xp.grow(self.words, max(need, cap + max(MIN_WORDS, cap >> 5)))
+            growth = getattr(self.xp, "growth", 1 / 32)
+            self.words = self.xp.grow(self.words, max(need + int(need * growth), cap + MIN_WORDS))
 
     def trim(self) -> None:
         fill = self.num_words - self.base
@@ -531,7 +547,7 @@ class SpillTapeStorage(TapeStorage):
         target = 0 if fill == 0 else fill + max(MIN_WORDS, fill >> 5)
         if cap - target > max(MIN_WORDS, cap >> 4):
             self.words = self.xp.grow(self.words, target)
-            if self.xp is HostArrays:
+            if getattr(self.xp, "host_memory", False):
                 release_free_memory()
 
     def plan(self, h: np.ndarray, push: bool) -> np.ndarray:

@@ -41,6 +41,8 @@ def check_shifts(h, num_groups: int) -> np.ndarray:
     if isinstance(h, (bool, np.bool_)):
         raise TypeError("the shift must be an int or an integer array, got bool")
     if isinstance(h, (int, np.integer)):
+        if not 0 <= int(h) <= MAX_SHIFT:
+            raise ValueError(f"shifts must lie in [0, {MAX_SHIFT}], got {h}")
         h = np.full(num_groups, int(h), dtype=np.int64)
     elif isinstance(h, np.ndarray) and h.dtype.kind in "iu" and h.shape == (num_groups,):
         h = h.astype(np.int64)

@@ -32,9 +32,11 @@ def _wrap16(v):
 class TorchArrays:
     """Tape storage arrays as torch int16 tensors on one device."""
     name = "torch"
+    growth = 1 / 4           # growing copies the stack (no realloc in place): a geometric step keeps it amortised
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
+        self.host_memory = self.device.type == "cpu"
 
     def zeros_u16(self, n: int):
         return torch.zeros(n, dtype=torch.int16, device=self.device)

@@ -103,7 +103,7 @@ class ExactMomentum:
     # --- arguments ---------------------------------------------------------------------------------------------
     def _groups(self, x, name: str) -> np.ndarray:
         G = self.num_groups
-        if isinstance(x, (bool, np.bool_)) or x is None:
+        if isinstance(x, (bool, np.bool_, str, bytes)) or x is None:
             raise TypeError(f"{name} must be a float or an array of {G} floats (one per group), got {x!r}")
         a = np.asarray(x, dtype=np.float64) if not isinstance(x, np.ndarray) or x.dtype.kind in "fiu" else None
         if a is None or a.ndim > 1 or (a.ndim == 1 and a.shape[0] != G):
@@ -115,9 +115,11 @@ class ExactMomentum:
 
     def _grad(self, grad) -> np.ndarray:
         if not isinstance(grad, np.ndarray) or grad.dtype.kind != "f":
-            raise TypeError(f"grad must be a 1-D float numpy array, got {type(grad).__name__}")
+            raise TypeError(f"grad must be a 1-D float numpy array, got {getattr(grad, 'dtype', type(grad).__name__)}")
         if grad.shape != (self.num_lanes,):
             raise ValueError(f"grad must be 1-D of length {self.num_lanes}, got shape {grad.shape}")
+        if grad.dtype not in (np.float32, np.float64):   # float16, longdouble: exact as float64 (or rounded once)
+            return np.ascontiguousarray(grad, dtype=np.float64)
         return np.ascontiguousarray(grad)
 
     def _run(self, prm: MomentumParams, g, forward: bool, state: bool, position: bool) -> None:
