@@ -59,8 +59,10 @@ class _Run:
     def __init__(self, train_loss, val_loss, params0, optimizer, steps, hypers, method, threads, seed,
                  progress, schedules: dict, options: dict):
         self.method = method
-        engine_opts = _split_options(method, options)
         self.opt = get_optimizer(optimizer, options.get("frac_bits"))
+        for k in [k for k in options if k in self.opt.schedule_names]:   # a custom optimiser's own schedules
+            schedules[k] = options.pop(k)
+        engine_opts = _split_options(method, options)
         self.params = as_params(params0)
         self.hypers = as_hypers(hypers, self.params)
         clash = set(self.hypers) & (set(self.opt.schedule_names) | {"params0"})

@@ -224,9 +224,12 @@ class ExactState:
         kernels.shift(self.be, self.tapes[name], self.view(name), np.asarray(h, dtype=np.int64)[self.gsl],
                       forward, name=name, frac_bits=self.frac[name])
 
-    def add(self, name: str, u: torch.Tensor, sign: int) -> None:
+    def add(self, name: str, u: torch.Tensor, sign: int, *, scale=1.0) -> None:
         """X[name] += sign·rint(u·2^F) on this state's lanes (``u`` full length), all or nothing (OverflowError /
-        NonFiniteError)."""
+        NonFiniteError). For ``"params"`` it also writes the params the loss reads: P = scale·flt(W) (``scale``:
+        the params' decay scale, for optimisers that rescale them)."""
+        if name in self.two_limb:
+            raise TypeError(f"add() works on one-limb states; {name!r} has two limbs")
         X = self.W[self.lo:self.hi] if name == "params" else self.X[name]
         u = u[self.lo:self.hi]
         y = u.to(torch.float64) * 2.0 ** self.frac[name]
@@ -241,6 +244,9 @@ class ExactState:
             raise OverflowError(f"{name} leaves the fixed-point range {fixed_range(self.frac[name])}; nothing was "
                                 f"changed")
         X.copy_(Y)
+        if name == "params":
+            with torch.no_grad():
+                self.P[self.lo:self.hi] = Y.to(torch.float64) * (2.0 ** -self.frac["params"] * scale)
 
     @contextlib.contextmanager
     def transaction(self):
