@@ -493,8 +493,8 @@ class SpillTapeStorage(TapeStorage):
             raise
         fill = self.num_words - self.base
         rest = fill - s
-        if rest:
-            self.words[:rest] = _copy(self.words[s:fill])
+        if rest:   # the tail moves down; the ranges overlap only when the tail is longer than what left
+            self.words[:rest] = _copy(self.words[s:fill]) if rest > s else self.words[s:fill]
         self.base += s
         self.peak_spilled_bytes = max(self.peak_spilled_bytes, 2 * self.base)
 
@@ -511,8 +511,8 @@ class SpillTapeStorage(TapeStorage):
         if k + fill > cap:
             self.words = self.xp.grow(self.words, k + fill + max(MIN_WORDS, (k + fill) >> 5))
         host = isinstance(self.words, np.ndarray)
-        if fill:
-            self.words[k:k + fill] = _copy(self.words[:fill])
+        if fill:   # the window moves up by k (overlapping when it is longer than k)
+            self.words[k:k + fill] = _copy(self.words[:fill]) if fill > k else self.words[:fill]
         dst = self.words[:k] if host else np.empty(k, dtype=np.uint16)
         try:
             for i in range(k - B, -1, -B):      # k is a multiple of B: whole blocks, last one first

@@ -4,10 +4,15 @@ Protocol. Every data collective of :mod:`revsgd.distributed` is preceded by an *
 ``[world − rank if this rank failed else 0, payload]``. Local work that can fail (the user's loss, quantisation,
 a kernel on this rank's shard) runs *before* the check, never between a check and its data collective. A rank that
 fails — or any exception that reaches :meth:`Comm.guard` — takes part in exactly one error check with its error, which
-the other ranks, waiting in the check of their next collective, receive; the lowest failing rank then broadcasts its
-exception's type, message, step and phase, and every rank raises the same :class:`DistributedError` (also an instance
-of the original exception's type where that is one of the common ones: ``except OverflowError`` and
-``except revsgd.ReversalError`` keep working). Nobody hangs.
+the other ranks, waiting in the check of their next collective, receive. The gradient sums and Hessian-vector
+products fuse the check into their all-reduce (:meth:`Comm.sum_checked`: one more value, counting failed ranks): a
+rank fails there inside the wrapper that knows the collective, and every place where a rank can fail outside such a
+wrapper is followed by a generic check before the next fused collective.
+
+Once a check saw a failure, every rank learns the failing ranks' exception type, message, step and phase (one
+all-gather, on the failure path only) and raises the same :class:`DistributedError` — also an instance of the
+original exception's type where that is one of the common ones, so ``except OverflowError`` and
+``except revsgd.ReversalError`` keep working. Nobody hangs.
 
 A collective that fails at the transport level — a peer crashed, or hung past the process group's timeout (the
 ``timeout`` of ``torch.distributed.init_process_group``) — raises :class:`CollectiveError` on this rank, naming this
@@ -28,11 +33,16 @@ from ..engine.methods import ReversalError
 from ..kernels import TapeExhaustedError
 
 
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class DistributedError(RuntimeError):
-    """One rank failed; raised on every rank with the failing rank's error. ``rank`` (the failing rank), ``step``
-    (None outside the steps), ``phase`` ("setup", "forward", "reverse", "validation", "finish"), ``kind`` (the
-    original exception's class name) and ``detail`` (its message)."""
+    """One rank failed; raised on every rank with the failing rank's error. ``rank`` (the lowest failing rank),
+    ``failed_ranks`` (all ranks that failed at that point), ``step`` (None outside the steps), ``phase`` ("setup",
+    "forward", "reverse", "validation", "finish"), ``kind`` (the original exception's class name) and ``detail``
+    (its message)."""
     agreed = True
+    failed_ranks: list = []
 
     def __init__(self, message: str = "", *, rank: Optional[int] = None, step: Optional[int] = None,
                  phase: Optional[str] = None, kind: Optional[str] = None, detail: Optional[str] = None):
@@ -92,6 +102,7 @@ class Comm:
         self.step: Optional[int] = None
         self.phase = "setup"
         self.calls = 0
+        self.lanes: Optional[tuple] = None    # the lane range this rank's exact state owns (named by errors)
 
     def at(self, step: Optional[int], phase: str) -> None:
         """Record where the run is (named by error messages)."""
@@ -118,25 +129,61 @@ class Comm:
     def check(self, error: Optional[BaseException] = None, payload: int = 0) -> int:
         """The error check: returns the MAX over ranks of ``payload`` when no rank failed; otherwise raises, on every
         rank, the lowest failing rank's error (see the module docstring)."""
+        if self.world == 1:     # nothing to agree with: no collective
+            if error is not None:
+                self.agree(error)
+            return int(payload)
         code = self.world - self.rank if error is not None else 0
         buf = torch.tensor([code, int(payload)], dtype=torch.int64, device=self.device)
         self._call("error check", dist.all_reduce, buf, op=dist.ReduceOp.MAX, group=self.group)
         code, top = (int(v) for v in buf.tolist())
         if code == 0:
             return top
-        src = self.world - code
-        info: list = [None]
-        if self.rank == src:
+        self.agree(error)
+        raise AssertionError("unreachable")   # pragma: no cover
+
+    def sum_checked(self, buf: torch.Tensor, error: Optional[BaseException], what: str) -> torch.Tensor:
+        """SUM over ranks of ``buf[:-1]`` (filled by the caller) with the error check fused in: one all-reduce, the
+        last value counting the ranks that failed (``error`` set there; what ``buf`` holds is then ignored). Only for
+        a collective that every rank reaches, failed or not, through the same wrapper (which knows the size): the
+        generic :meth:`check` is for failures anywhere else. Returns a view of ``buf`` (valid until its reuse)."""
+        n = buf.shape[0] - 1
+        if self.world == 1:
+            if error is not None:
+                self.agree(error)
+            return buf[:n]
+        if error is None:
+            buf[n] = 0
+        else:
+            buf.zero_()
+            buf[n] = 1
+        self._call(what, dist.all_reduce, buf, op=dist.ReduceOp.SUM, group=self.group)
+        if buf[n] != 0:
+            self.agree(error)
+        return buf[:n]
+
+    def agree(self, error: Optional[BaseException]) -> None:
+        """The failure path of the checks (every rank calls it once a check saw a failure): one all-gather of every
+        rank's error description; raises the lowest failing rank's error on every rank."""
+        mine = None
+        if error is not None:
             base = _base_of(error)
-            info = [{"base": None if base is None else AGREED_TYPES.index(base), "type": type(error).__name__,
-                     "message": str(error), "step": self.step, "phase": self.phase}]
-        kw = {"device": self.device} if self.backend == "nccl" else {}
-        self._call("error message", dist.broadcast_object_list, info, group_src=src, group=self.group, **kw)
-        d = info[0]
+            mine = {"base": None if base is None else AGREED_TYPES.index(base), "type": type(error).__name__,
+                    "message": str(error), "step": self.step, "phase": self.phase, "lanes": self.lanes}
+        every = self.all_gather_object(mine, "error messages", checked=True)
+        failed = [r for r, d in enumerate(every) if d is not None]
+        src = failed[0]
+        d = every[src]
         cls = DistributedError if d["base"] is None else _COMBINED[AGREED_TYPES[d["base"]]]
-        msg = f"rank {src} failed {_where(d['step'], d['phase'])}: {d['type']}: {d['message']}"
+        who = f"rank {src}" if d["lanes"] is None else f"rank {src} (lanes [{d['lanes'][0]}, {d['lanes'][1]}))"
+        also = ""
+        if len(failed) > 1:
+            also = (" [every rank failed]" if len(failed) == self.world else
+                    f" [ranks {', '.join(map(str, failed))} failed]")
+        msg = f"{who} failed {_where(d['step'], d['phase'])}: {d['type']}: {d['message']}{also}"
         exc = cls(msg, rank=src, step=d["step"], phase=d["phase"], kind=d["type"], detail=d["message"])
-        if error is not None and self.rank == src:
+        exc.failed_ranks = failed
+        if error is not None:
             raise exc from error
         raise exc
 
@@ -162,20 +209,33 @@ class Comm:
         """In-place SUM over ranks."""
         if not checked:
             self.check()
-        self._call(what, dist.all_reduce, x, op=dist.ReduceOp.SUM, group=self.group)
+        if self.world > 1:
+            self._call(what, dist.all_reduce, x, op=dist.ReduceOp.SUM, group=self.group)
+        return x
+
+    def all_reduce_max(self, x: torch.Tensor, what: str, *, checked: bool = False) -> torch.Tensor:
+        """In-place MAX over ranks."""
+        if not checked:
+            self.check()
+        if self.world > 1:
+            self._call(what, dist.all_reduce, x, op=dist.ReduceOp.MAX, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor, what: str, *, checked: bool = False) -> torch.Tensor:
         """(world · n,) from every rank's (n,), in rank order."""
         if not checked:
             self.check()
+        if self.world == 1:
+            return x.clone()
         out = torch.empty(self.world * x.shape[0], dtype=x.dtype, device=x.device)
-        self._call(what, dist.all_gather_into_tensor, out, x.contiguous(), group=self.group)
+        self._call(what, _ALL_GATHER, out, x.contiguous(), group=self.group)
         return out
 
     def all_gather_object(self, obj: Any, what: str, *, checked: bool = False) -> list:
         if not checked:
             self.check()
+        if self.world == 1:
+            return [obj]
         out: list = [None] * self.world
         self._call(what, dist.all_gather_object, out, obj, group=self.group)
         return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from ..core.fixed import NonFiniteError, check_frac_bits
@@ -46,24 +45,26 @@ def grad_range(frac_bits: int, world: int) -> float:
     return math.ldexp(1.0, 62 - frac_bits - headroom(world))
 
 
-def quantise(g: torch.Tensor, frac_bits: int, world: int) -> torch.Tensor:
+def quantise(g: torch.Tensor, frac_bits: int, world: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``rint(g · 2^F)`` as int64 (ties to even), after checking the range (see :func:`grad_range`); raises
-    NonFiniteError / OverflowError naming the first bad lane."""
-    g = g.detach().reshape(-1).to(torch.float64)
-    fin = torch.isfinite(g)
-    if not bool(fin.all()):
-        i = int(torch.nonzero(~fin)[0, 0])
-        raise NonFiniteError(f"the gradient holds a non-finite value at lane {i}; nothing was changed")
-    y = g * math.ldexp(1.0, frac_bits)
+    NonFiniteError / OverflowError naming the first bad lane (and writes nothing). ``out``: an int64 tensor of g's
+    length to write into."""
+    g = g.detach().reshape(-1)
+    y = g.to(torch.float64) * math.ldexp(1.0, frac_bits)
     lim = math.ldexp(1.0, 62 - headroom(world))
-    ok = y.abs() < lim
-    if not bool(ok.all()):
-        i = int(torch.nonzero(~ok)[0, 0])
+    if not bool((y.abs() < lim).all()):       # NaN and ±inf fail too
+        i = int(torch.nonzero(~(y.abs() < lim))[0, 0])
+        if not math.isfinite(float(g[i])):
+            raise NonFiniteError(f"the gradient holds a non-finite value at lane {i}; nothing was changed")
         hi = grad_range(frac_bits, world)
         raise OverflowError(f"gradient[{i}] = {float(g[i])!r} leaves the range (-{hi:g}, {hi:g}) of the exact "
                             f"gradient sum over {world} rank(s) with grad_frac_bits={frac_bits}; nothing was changed "
                             f"(use fewer grad_frac_bits, or grad_frac_bits='auto')")
-    return torch.round(y).to(torch.int64)
+    y.round_()                                # ties to even; integral values below 2^62 convert exactly
+    if out is None:
+        return y.to(torch.int64)
+    out.copy_(y)
+    return out
 
 
 def auto_frac_bits(exponent: int, world: int) -> int:
@@ -99,11 +100,14 @@ class DistributedProblem(Problem):
         val_reduce: None (default): every rank evaluates the same validation loss itself (no communication);
             ``"mean"`` / ``"sum"``: each rank's ``val`` is a part (e.g. its shard of the validation set) and f,
             ∂f/∂w, ∂f/∂θ are all-reduced (float).
+        fuse_checks: fuse the error check into the sums (one collective instead of two). Safe with the exact method
+            and :class:`~revsgd.distributed.DistributedExactState` (whose collectives check after every place a
+            rank can fail on its own); pass False for other drivers.
     """
 
     def __init__(self, inner: Problem, comm: Optional[Comm] = None, *, group=None,
                  grad_frac_bits: Union[int, str] = DEFAULT_GRAD_FRAC_BITS, reduce: str = "mean",
-                 val_reduce: Optional[str] = None):
+                 val_reduce: Optional[str] = None, fuse_checks: bool = True):
         if comm is None:
             comm = Comm(group, inner.P.device if inner.P.device.type == "cuda" else None)
         elif group is not None:
@@ -119,10 +123,12 @@ class DistributedProblem(Problem):
             raise ValueError(f"val_reduce must be None or one of {REDUCTIONS}, got {val_reduce!r}")
         self.inner, self.comm = inner, comm
         self.grad_frac_bits, self.reduce, self.val_reduce = grad_frac_bits, reduce, val_reduce
+        self.fuse_checks = bool(fuse_checks)
         self.P = inner.P
         self.num_hypers = inner.num_hypers
         self._hz = inner.hyper_zeros()
         self.frac_used: dict = {}     # step → F of its gradient sum ("auto": varies per step)
+        self._bufs: dict = {}
 
     # --- plumbing ----------------------------------------------------------------------------------------------
     def set_params(self, w: torch.Tensor) -> None:
@@ -139,36 +145,48 @@ class DistributedProblem(Problem):
         return 1.0 / self.comm.world if self.reduce == "mean" else 1.0
 
     # --- the exact gradient sum --------------------------------------------------------------------------------
-    def _local_q(self, g: torch.Tensor, F: int) -> torch.Tensor:
-        return quantise(g, F, self.comm.world)
+    def _buffer(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable send buffer of n + 1 values (the last one: the fused error flag)."""
+        key = (n, dtype)
+        b = self._bufs.get(key)
+        if b is None:
+            b = self._bufs[key] = torch.empty(n + 1, dtype=dtype, device=self.P.device)
+        return b
+
+    def _sum_checked(self, buf: torch.Tensor, err, what: str) -> torch.Tensor:
+        if not self.fuse_checks:
+            self.comm.check(err)
+            err = None
+        return self.comm.sum_checked(buf, err, what)
 
     def _sum(self, t: int, local) -> tuple:
-        """Run ``local()`` (→ (g_r, extra)); quantise; check; all-reduce the integers. Returns (g, extra)."""
-        err, q, extra, payload = None, None, None, 0
-        try:
-            g, extra = local()
-            if self.grad_frac_bits == "auto":
-                payload = _exponent(g)
-            else:
-                q = self._local_q(g, self.grad_frac_bits)
-        except Exception as e:
-            err = e
-        top = self.comm.check(err, payload)
+        """Run ``local()`` (→ (g_r, extra)), quantise, and sum the integers over ranks (the error check fused in, or
+        before it for "auto", whose check also finds the largest exponent). Returns (g, extra)."""
+        err, g, extra = None, None, None
+        L = self.num_lanes
+        what = f"gradient sum (int64, {L} lanes)"
+        buf = self._buffer(L, torch.int64)
         if self.grad_frac_bits == "auto":
-            F = auto_frac_bits(top, self.comm.world)
-            err = None
+            payload = 0
             try:
-                q = self._local_q(g, F)
-            except Exception as e:   # cannot overflow by construction; NaN was refused by _exponent
+                g, extra = local()
+                payload = _exponent(g)
+            except Exception as e:
                 err = e
-            self.comm.check(err)
+            F = auto_frac_bits(self.comm.check(err, payload), self.comm.world)
+            quantise(g, F, self.comm.world, out=buf[:L])      # cannot fail: max|g| < 2^e, no NaN (checked)
         else:
             F = self.grad_frac_bits
+            try:
+                g, extra = local()
+                quantise(g, F, self.comm.world, out=buf[:L])
+            except Exception as e:
+                err = e
+        S = self._sum_checked(buf, err, what)
         self.frac_used[t] = F
-        S = self.comm.all_reduce(q, f"gradient sum (int64, {q.numel()} lanes)", checked=True)
-        g = S.to(torch.float64) * math.ldexp(1.0, -F)
+        g = S.to(torch.float64).mul_(math.ldexp(1.0, -F))
         if self.reduce == "mean" and self.comm.world > 1:
-            g = g / self.comm.world
+            g.div_(self.comm.world)
         return g, extra
 
     def grad(self, t: int) -> torch.Tensor:
@@ -178,40 +196,42 @@ class DistributedProblem(Problem):
 
     def grad_vjp(self, t: int):
         self.comm.at(t, "reverse")
-
-        def local():
-            g, f = self.inner.grad_vjp(t)
-            return g, f
-        g, f = self._sum(t, local)
+        g, f = self._sum(t, lambda: self.inner.grad_vjp(t))
         c = self._scale()
+        n = self._packed_size()
 
-        def vjp(u: torch.Tensor):
-            err, buf = None, None
+        def vjp(u: torch.Tensor, du: Optional[torch.Tensor] = None):
+            err = None
+            buf = self._buffer(n, torch.float64)
             try:
+                if du is not None:
+                    raise ValueError("running statistics (BatchNorm buffers) are not supported by revsgd.distributed")
                 hu, th = f(u)
-                buf = self._pack(hu, th)
+                self._pack(hu, th, out=buf[:n])
             except Exception as e:
                 err = e
-            self.comm.check(err)
-            self.comm.all_reduce(buf, f"Hessian-vector product (float64, {buf.numel()} values)", checked=True)
+            S = self._sum_checked(buf, err, f"Hessian-vector product (float64, {n} values)").clone()
             if c != 1.0:
-                buf = buf * c
-            return self._unpack(buf)
+                S.mul_(c)
+            return self._unpack(S)
         return g, vjp
 
     # --- validation --------------------------------------------------------------------------------------------
     def val(self):
         self.comm.at(None, "validation")
-        err, out = None, None
+        err, out, buf = None, None, None
         try:
             out = self.inner.val()
+            if self.val_reduce is not None:
+                f, dw, th = out
+                buf = torch.empty(1 + self._packed_size(), dtype=torch.float64, device=self.P.device)
+                buf[0] = float(f)
+                self._pack(dw, th, out=buf[1:])
         except Exception as e:
             err = e
         self.comm.check(err)
         if self.val_reduce is None:
             return out
-        f, dw, th = out
-        buf = torch.cat([torch.tensor([float(f)], dtype=torch.float64, device=dw.device), self._pack(dw, th)])
         self.comm.all_reduce(buf, "validation loss and gradient (float64)", checked=True)
         if self.val_reduce == "mean":
             buf = buf / self.comm.world
@@ -219,16 +239,26 @@ class DistributedProblem(Problem):
         return float(buf[0]), dw, th
 
     # --- packing the float parts -------------------------------------------------------------------------------
-    def _pack(self, hu: torch.Tensor, th: list) -> torch.Tensor:
-        parts = [hu.detach().reshape(-1).to(torch.float64)]
+    def _packed_size(self) -> int:
+        return self.num_lanes + sum(z.numel() for z in self._hz if z is not None)
+
+    def _pack(self, hu: torch.Tensor, th: list, out: torch.Tensor) -> torch.Tensor:
+        """[hu, θ-parts of the float hypers (zeros where None)] into ``out`` (float64)."""
         if len(th) != len(self._hz):
             raise ValueError(f"the problem returned {len(th)} hyper parts, expected {len(self._hz)}")
+        L = self.num_lanes
+        out[:L].copy_(hu.detach().reshape(-1))
+        off = L
         for z, x in zip(self._hz, th):
             if z is None:
                 continue
-            parts.append(torch.zeros(z.numel(), dtype=torch.float64, device=hu.device) if x is None
-                         else x.detach().reshape(-1).to(torch.float64).to(hu.device))
-        return torch.cat(parts)
+            k = z.numel()
+            if x is None:
+                out[off:off + k].zero_()
+            else:
+                out[off:off + k].copy_(x.detach().reshape(-1))
+            off += k
+        return out
 
     def _unpack(self, buf: torch.Tensor) -> tuple:
         L = self.num_lanes
@@ -259,6 +289,3 @@ def shard(x, rank: Optional[int] = None, world: Optional[int] = None, *, group=N
                          f"divisible, or pass equal=False and use reduce='sum' with a loss scaled by 1/{n}")
     return x[rank * n // world:(rank + 1) * n // world]
 
-
-def _np_or_tensor(x) -> bool:   # pragma: no cover - helper for type checks
-    return isinstance(x, (np.ndarray, torch.Tensor))

@@ -72,10 +72,10 @@ class Exact(Provider):
     """Fixed point with the tape; the reverse pass runs training backwards bit for bit."""
 
     def __init__(self, opt: ReversibleOptimizer, prob, plan: Plan, w0, state0, backend,
-                 make_state: Optional[Callable] = None):
+                 make_state: Optional[Callable] = None, storage: Optional[dict] = None):
         self.opt, self.prob, self.plan = opt, prob, plan
         self.ex: ExactState = (make_state(opt, w0, prob.P.detach(), plan, backend, state0) if make_state is not None
-                               else opt.exact_init(w0, prob.P.detach(), plan, backend, state0))
+                               else opt.exact_init(w0, prob.P.detach(), plan, backend, state0, **(storage or {})))
         self.stats = {"backend": self.ex.be.name, "frac_bits": dict(opt.frac)}
         self._fp: Optional[torch.Tensor] = None
         self.exb = None if prob.buffers is None else prob.buffers.exact(backend)

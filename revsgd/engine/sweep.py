@@ -26,7 +26,8 @@ from .problem import Problem
 
 METHODS = ("exact", "naive", "trajectory", "checkpoint", "replay", "drmad", "truncated")
 ENGINE_METHODS = tuple(m for m in METHODS if m != "naive")
-_OWN = {"checkpoint_every": "checkpoint", "truncate": "truncated", "replay_k": "replay", "backend": "exact"}
+_OWN = {"checkpoint_every": "checkpoint", "truncate": "truncated", "replay_k": "replay", "backend": "exact",
+        "tape_dir": "exact", "spill_block_bytes": "exact"}
 
 
 @dataclass
@@ -43,17 +44,18 @@ class EngineResult:
 class Unroll:
     """One T-step unroll of ``opt`` on ``prob``: ``forward()`` trains, ``reverse(dw)`` sweeps back (callable again
     after another ``forward()``). ``exact_state(opt, w0, P, plan, backend, state0)`` replaces the exact method's
-    :class:`~revsgd.optim.ExactState` (e.g. a sharded one, :mod:`revsgd.distributed`)."""
+    :class:`~revsgd.optim.ExactState` (e.g. a sharded one, :mod:`revsgd.distributed`); ``tape_dir`` spills the
+    tapes to files there in blocks of ``spill_block_bytes`` (docs/distributed.md)."""
 
     def __init__(self, prob: Problem, opt: ReversibleOptimizer, schedules: dict, w0: torch.Tensor, *,
                  sizes: Optional[np.ndarray] = None, state0: Optional[dict] = None, method: str = "exact",
                  backend: Optional[str] = None, checkpoint_every: Optional[int] = None,
                  truncate: Optional[int] = None, replay_k: Optional[int] = None, progress: bool = False,
-                 exact_state: Optional[Callable] = None):
+                 exact_state: Optional[Callable] = None, tape_dir=None, spill_block_bytes: Optional[int] = None):
         if method not in ENGINE_METHODS:
             raise ValueError(f"unknown method {method!r} for the engine; choose one of {ENGINE_METHODS}")
         for name, val in (("checkpoint_every", checkpoint_every), ("truncate", truncate), ("replay_k", replay_k),
-                          ("backend", backend)):
+                          ("backend", backend), ("tape_dir", tape_dir), ("spill_block_bytes", spill_block_bytes)):
             if val is not None and method != _OWN[name]:
                 raise TypeError(f"option {name!r} belongs to method {_OWN[name]!r}, not {method!r}")
         L = prob.num_lanes
@@ -76,7 +78,9 @@ class Unroll:
             if not opt.supports_exact:
                 raise ValueError(opt.exact_refusal or f"optimizer {opt.name!r} has no exact (reversible) step; "
                                  f"use a stored-state method (checkpoint, replay, trajectory)")
-            self.prov = M.Exact(opt, prob, self.plan, w0, state0, backend, exact_state)
+            storage = {k: v for k, v in (("tape_dir", tape_dir), ("spill_block_bytes", spill_block_bytes))
+                       if v is not None}
+            self.prov = M.Exact(opt, prob, self.plan, w0, state0, backend, exact_state, storage)
         else:
             stepper = M._Stepper(opt, prob, self.hypers_at)
             if method == "trajectory":

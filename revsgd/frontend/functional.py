@@ -16,7 +16,8 @@ from ..optim import ReversibleOptimizer, Schedules, get_optimizer
 from .inputs import Params, as_hypers, as_params, as_schedules, pinned_threads
 from .problem import TorchProblem, TrainLoss, ValLoss, scalar
 
-_METHOD_OPTIONS = {"exact": {"backend", "frac_bits"}, "checkpoint": {"checkpoint_every"}, "truncated": {"truncate"},
+_METHOD_OPTIONS = {"exact": {"backend", "frac_bits", "tape_dir", "spill_block_bytes"},
+                   "checkpoint": {"checkpoint_every"}, "truncated": {"truncate"},
                    "replay": {"replay_k"}}
 
 
@@ -93,10 +94,10 @@ class _Run:
             prob.binding.finalize(stT[KEY], self.T)
         prob.binding.close()
 
-    def unroll(self, prob: TorchProblem) -> Unroll:
+    def unroll(self, prob: TorchProblem, **extra) -> Unroll:
         sizes = self.params.sizes if any(a.ndim == 2 for a in self.sched.values()) else None
         return Unroll(prob, self.opt, self.sched, self.params.flat(), sizes=sizes, method=self.method,
-                      progress=self.progress, **self.engine_opts)
+                      progress=self.progress, **self.engine_opts, **extra)
 
     def schedule_grads(self, grads: dict) -> dict:
         """Engine gradients (float64, (T,) or (T, G)) as tensors like the schedules the user passed."""

@@ -27,7 +27,7 @@ import torch
 from .. import kernels
 from ..core.fixed import (DEFAULT_FRAC_BITS, LIMB, MAX_FRAC_BITS, MAX_FRAC_BITS_2, MIN_FRAC_BITS, check_factors,
                           check_frac_bits, decay_scales, fixed_range)
-from ..core.tapeformat import TapeStorage
+from ..core.tapeformat import tape_storage
 
 _TWO63 = 2.0**63
 
@@ -127,7 +127,7 @@ class ExactState:
 
     def __init__(self, w0: torch.Tensor, P: torch.Tensor, states: dict, frac: dict, decaying: tuple,
                  offsets: np.ndarray, backend: Optional[str], lanes: Optional[tuple] = None,
-                 two_limb: tuple = ()):
+                 two_limb: tuple = (), tape_dir=None, spill_block_bytes: Optional[int] = None):
         self.be = kernels.get_backend(backend)
         if P.device.type != "cpu" and self.be.name != "torch":
             raise ValueError(f"backend {self.be.name!r} runs on the CPU only; params live on {P.device}: use "
@@ -155,7 +155,8 @@ class ExactState:
         self.gsl = slice(g0, g1)
         local = np.concatenate([[self.lo], offsets[g0 + 1:g1], [self.hi]]) - self.lo
         arrays = self.be.arrays if self.be.name != "torch" else type(self.be.arrays)(self.device)
-        self.tapes = {k: TapeStorage(n, local, arrays) for k in decaying}
+        self.tapes = {k: tape_storage(n, local, arrays, tape_dir=tape_dir, block_bytes=spill_block_bytes)
+                      for k in decaying}
         self.P = P
         self.start = (self.W.clone(), {k: v.clone() for k, v in self.X.items()})
         self._host = self.be.name != "torch"
@@ -203,6 +204,10 @@ class ExactState:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """A float vector over this state's lanes → over all lanes (identity when unsharded)."""
         return x
+
+    def gather_many(self, xs: list) -> list:
+        """:meth:`gather` of several vectors (a sharded state does it in one collective)."""
+        return [self.gather(x) for x in xs]
 
     def tape_bytes(self) -> int:
         return sum(t.nbytes for t in self.tapes.values())
@@ -400,9 +405,10 @@ class ReversibleOptimizer:
         return self.exact_refusal is None and type(self).exact_step is not ReversibleOptimizer.exact_step
 
     def exact_init(self, w0: torch.Tensor, P: torch.Tensor, plan: "Plan", backend: Optional[str],
-                   state0: Optional[dict] = None) -> ExactState:
+                   state0: Optional[dict] = None, **storage) -> ExactState:
+        """The integer state of an exact run (``storage``: ``tape_dir``, ``spill_block_bytes`` for tapes on disk)."""
         return ExactState(w0, P, {k: None if state0 is None else state0.get(k) for k in self.state_names},
-                          self.frac, tuple(plan.decay), plan.sch.offsets, backend, two_limb=self.two_limb)
+                          self.frac, tuple(plan.decay), plan.sch.offsets, backend, two_limb=self.two_limb, **storage)
 
     def exact_step(self, ex: ExactState, g, t: int, plan: "Plan") -> None:
         raise NotImplementedError
@@ -420,8 +426,7 @@ class ReversibleOptimizer:
         if "params" in plan.decay:
             w = w * plan.lanes(plan.decay["params"].e[t])
         st = {}
-        for k in self.state_names:
-            v = ex.gather(ex.state_float(k))
+        for k, v in zip(self.state_names, ex.gather_many([ex.state_float(k) for k in self.state_names])):
             if k in plan.decay:
                 v = v * plan.lanes(plan.decay[k].e[t])
             st[k] = v
