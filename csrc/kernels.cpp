@@ -12,8 +12,9 @@
 //
 // Errors: a chunk stops at its first failing lane (that lane untouched) and records how far it got and the code.
 // If any chunk failed, the inverse op (same parameters, same rows, the pending counts the op would have left)
-// undoes the finished lanes of every chunk; the call then returns (code, lowest failing lane) and everything —
-// states, P excepted, heads, words below num_words — is as before. Nothing was committed, so Python just raises.
+// undoes the finished lanes of every chunk; the call then returns (code, lowest failing lane) and the states,
+// heads and words below num_words are as before (words above num_words are scratch). P is written in a second pass
+// only after every lane succeeded. Nothing was committed, so Python just raises.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -35,6 +36,8 @@ namespace {
 
 constexpr int64_t CHUNK = 16384;
 constexpr double TWO63 = 9223372036854775808.0;
+constexpr int LIMB = 62;                                    // two-limb states: hi·2^62 + lo, 0 <= lo < 2^62
+constexpr int64_t LIMB_MASK = (int64_t(1) << LIMB) - 1;
 
 // revsgd/kernels/codes.py
 constexpr int GRAD_NONFINITE = 1, TERM_OVERFLOW = 2, ADD_OVERFLOW = 3, UNSHIFT_OVERFLOW = 4;
@@ -51,6 +54,29 @@ inline bool fix(double y, int64_t &out) {
     if (!(y >= -TWO63 && y < TWO63)) return false;
     out = static_cast<int64_t>(std::llrint(y));
     return true;
+}
+
+// fix2(y) for y >= 0: (yh, yl) with yh·2^62 + yl = rint(y); fails outside [0, 2^125) and for NaN.
+inline bool fix2(double y, int64_t &yh, int64_t &yl) {
+    if (!(y >= 0.0 && y < 0x1p125)) return false;
+    const double f = std::floor(y * 0x1p-62);
+    yh = static_cast<int64_t>(std::llrint(f));
+    yl = static_cast<int64_t>(std::llrint(y - f * 0x1p62));  // exact subtraction
+    return true;
+}
+
+// int64 arithmetic that wraps (as NumPy's does), without C++'s signed-overflow UB.
+inline int64_t wadd(int64_t a, int64_t b) { return static_cast<int64_t>(uint64_t(a) + uint64_t(b)); }
+inline int64_t wsub(int64_t a, int64_t b) { return static_cast<int64_t>(uint64_t(a) - uint64_t(b)); }
+
+// _add2: (hi, lo) ± (dh, dl) with the carry (borrow) between the limbs; false where hi leaves int64.
+template <bool ADD>
+inline bool add2(int64_t &hi, int64_t &lo, int64_t dh, int64_t dl) {
+    const int64_t lo2 = ADD ? wadd(lo, dl) : wsub(lo, dl);
+    const int64_t c = lo2 >> LIMB;
+    const bool over = ADD ? __builtin_add_overflow(hi, wadd(dh, c), &hi) : __builtin_sub_overflow(hi, wsub(dh, c), &hi);
+    lo = lo2 & LIMB_MASK;
+    return !over;
 }
 
 // --- the tape -----------------------------------------------------------------------------------------------
@@ -85,7 +111,7 @@ inline Seg make_seg(const TapeArgs &T, int64_t g, int64_t first, bool push, bool
     if (undo) p = push ? (s.moves ? p + 16 - s.h : p - s.h) : (s.moves ? p + s.h - 16 : p + s.h);
     s.p = p;
     s.mask = (uint64_t(1) << s.h) - 1;
-    s.keep = s.moves ? p + s.h - 16 : 0;
+    s.keep = push && s.moves ? p + s.h - 16 : 0;   // bits left in the head after a push emits its row
     s.keepmask = (uint64_t(1) << s.keep) - 1;
     s.wbase = row - first;
     s.heads = T.heads;
@@ -120,6 +146,22 @@ inline bool pop_lane(const Seg &s, int64_t i, int64_t &x, uint16_t &head) {
     if (s.moves) c |= uint64_t(s.words[s.wbase + i]) << s.p;
     head = static_cast<uint16_t>(c >> s.h);
     x = static_cast<int64_t>((uint64_t(x) << s.h) | (c & s.mask));
+    return true;
+}
+
+// _Shift.forward2 on lane i: the two-limb value >> h; lo's low h bits go to the tape, hi's into lo's top.
+inline void push2_lane(const Seg &s, int64_t i, int64_t &hi, int64_t &lo, Pushed &out) {
+    lo = push_lane(s, i, lo, out) | static_cast<int64_t>(uint64_t(hi & int64_t(s.mask)) << (LIMB - s.h));
+    hi >>= s.h;
+}
+
+// _Shift.reverse2 on lane i: (hi·2^62 + lo) << h | the bits recorded last; false where hi << h leaves int64.
+inline bool pop2_lane(const Seg &s, int64_t i, int64_t &hi, int64_t &lo, uint16_t &head) {
+    int64_t h2 = hi;
+    if (!pop_lane(s, i, h2, head)) return false;
+    const int64_t bits = h2 & int64_t(s.mask);
+    hi = wsub(h2, bits) | (lo >> (LIMB - s.h));
+    lo = static_cast<int64_t>((uint64_t(lo) << s.h) & uint64_t(LIMB_MASK)) | bits;
     return true;
 }
 
@@ -243,7 +285,7 @@ int64_t mom_range(const MomArgs &A, int64_t a, int64_t b, bool undo, int &err) {
 // --- adam ----------------------------------------------------------------------------------------------------
 
 struct AdamArgs {
-    int64_t *M, *S, *W;
+    int64_t *M, *Sh, *Sl, *W;   // S = Sh·2^62 + Sl
     const void *G;
     const int64_t *off;
     int64_t G_;
@@ -258,16 +300,16 @@ int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err)
     for (int64_t g = group_of(A.off, A.G_, a), lo = a; lo < b; ++g) {
         const int64_t hi = std::min(b, A.off[g + 1]), first = A.off[g];
         const double c1 = A.c1[g], c2 = A.c2[g], lam = A.lam[g], am = A.am[g], as = A.as_[g], sb = A.sb[g],
-                     eps = A.eps[g], cu = A.cu[g], ws = A.ws[g];
+                     eps = A.eps[g], cu = A.cu[g], ws = A.ws[g], as62 = as * 0x1p62;
         const Seg sm = ST ? make_seg(A.Tm, g, first, FWD, undo) : Seg{};
         const Seg ss = ST ? make_seg(A.Ts, g, first, FWD, undo) : Seg{};
         const Seg sw = PO ? make_seg(A.Tw, g, first, FWD, undo) : Seg{};
         for (int64_t i = lo; i < hi; ++i) {
-            int64_t m = A.M[i], s = A.S[i], w = A.W[i];
+            int64_t m = A.M[i], sh = A.Sh[i], sl = A.Sl[i], w = A.W[i];
             Pushed pm{0, 0}, pss{0, 0}, pw{0, 0};
             uint16_t hm = 0, hs = 0, hw = 0;
             if (!FWD && PO) {
-                const double q = (am * f64(m)) / (std::sqrt(as * f64(s)) / sb + eps);
+                const double q = (am * f64(m)) / (std::sqrt(as62 * f64(sh) + as * f64(sl)) / sb + eps);
                 int64_t u;
                 if (!fix((cu * q) * A.two_fw, u)) { err = code(TERM_OVERFLOW, 2); return i; }
                 if (__builtin_add_overflow(w, u, &w)) { err = code(ADD_OVERFLOW, 2); return i; }
@@ -277,24 +319,24 @@ int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err)
                 double gr = static_cast<double>(Gp[i]);
                 if (!std::isfinite(gr)) { err = code(GRAD_NONFINITE, 0); return i; }
                 gr = gr + lam * (f64(w) * ws);
-                int64_t d1, d2;
+                int64_t d1, dh, dl;
                 if (!fix((c1 * gr) * A.two_fm, d1)) { err = code(TERM_OVERFLOW, 0); return i; }
-                if (!fix((c2 * (gr * gr)) * A.two_fs, d2)) { err = code(TERM_OVERFLOW, 1); return i; }
+                if (!fix2((c2 * (gr * gr)) * A.two_fs, dh, dl)) { err = code(TERM_OVERFLOW, 1); return i; }
                 if (FWD) {
                     if (sm.h) m = push_lane(sm, i, m, pm);
                     if (__builtin_add_overflow(m, d1, &m)) { err = code(ADD_OVERFLOW, 0); return i; }
-                    if (ss.h) s = push_lane(ss, i, s, pss);
-                    if (__builtin_add_overflow(s, d2, &s)) { err = code(ADD_OVERFLOW, 1); return i; }
+                    if (ss.h) push2_lane(ss, i, sh, sl, pss);
+                    if (!add2<true>(sh, sl, dh, dl)) { err = code(ADD_OVERFLOW, 1); return i; }
                 } else {
-                    if (__builtin_sub_overflow(s, d2, &s)) { err = code(ADD_OVERFLOW, 1); return i; }
-                    if (ss.h && !pop_lane(ss, i, s, hs)) { err = code(UNSHIFT_OVERFLOW, 1); return i; }
+                    if (!add2<false>(sh, sl, dh, dl)) { err = code(ADD_OVERFLOW, 1); return i; }
+                    if (ss.h && !pop2_lane(ss, i, sh, sl, hs)) { err = code(UNSHIFT_OVERFLOW, 1); return i; }
                     if (__builtin_sub_overflow(m, d1, &m)) { err = code(ADD_OVERFLOW, 0); return i; }
                     if (sm.h && !pop_lane(sm, i, m, hm)) { err = code(UNSHIFT_OVERFLOW, 0); return i; }
                 }
             }
             if (FWD && PO) {
                 if (sw.h) w = push_lane(sw, i, w, pw);
-                const double q = (am * f64(m)) / (std::sqrt(as * f64(s)) / sb + eps);
+                const double q = (am * f64(m)) / (std::sqrt(as62 * f64(sh) + as * f64(sl)) / sb + eps);
                 int64_t u;
                 if (!fix((cu * q) * A.two_fw, u)) { err = code(TERM_OVERFLOW, 2); return i; }
                 if (__builtin_sub_overflow(w, u, &w)) { err = code(ADD_OVERFLOW, 2); return i; }
@@ -308,7 +350,8 @@ int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err)
                     if (ss.h) ss.heads[i] = hs;
                 }
                 A.M[i] = m;
-                A.S[i] = s;
+                A.Sh[i] = sh;
+                A.Sl[i] = sl;
             }
             if (PO) {
                 if (sw.h) {
@@ -455,7 +498,7 @@ Param param(py::handle prm, const char *name, int64_t G) {
 
 int frac(py::handle prm, const char *name) {
     const int f = attr(prm, name).cast<int>();
-    if (f < 0 || f > 62) throw py::value_error(std::string(name) + " must lie in [0, 62]");
+    if (f < 0 || f > 512) throw py::value_error(std::string(name) + " must lie in [0, 512]");
     return f;
 }
 
@@ -575,10 +618,15 @@ py::object adam(py::tuple tapes, py::handle M, py::handle S, py::handle W, py::h
     const Groups g = groups_of(tapes[0]);
     A.off = g.off;
     A.G_ = g.G;
+    if (!py::isinstance<py::tuple>(S) || py::len(S) != 2) throw py::type_error("S must be a tuple (hi, lo)");
     A.M = data<int64_t>(M, "M", g.L, state);
-    A.S = data<int64_t>(S, "S", g.L, state);
+    A.Sh = data<int64_t>(S[py::int_(0)], "S hi", g.L, state);
+    A.Sl = data<int64_t>(S[py::int_(1)], "S lo", g.L, state);
     A.W = data<int64_t>(W, "W", g.L, position);
-    if (A.M == A.S || A.M == A.W || A.S == A.W) throw py::value_error("M, S and W must be different arrays");
+    const int64_t *all[] = {A.M, A.Sh, A.Sl, A.W};
+    for (int a = 0; a < 4; ++a)
+        for (int b = a + 1; b < 4; ++b)
+            if (all[a] == all[b]) throw py::value_error("M, S (hi, lo) and W must be different arrays");
     int gk = 1;
     A.G = state ? float_data(G, "G", g.L, false, gk) : nullptr;
     A.c1 = param(prm, "c1", g.G);

@@ -31,7 +31,7 @@ class ReversalError(RuntimeError):
 REVERSAL_HINT = ("The training loss must be a deterministic, pure function of (params, hypers, t): the same "
                  "minibatch for step t in both passes (derive it from a seed and t, e.g. revsgd.StepSampler, not "
                  "from a global RNG or an iterator), randomness such as dropout seeded by t (revsgd seeds torch's "
-                 "RNG per step unless seed_randomness=False), and the same thread count in both passes (revsgd pins "
+                 "RNG per step unless seed=None), and the same thread count in both passes (revsgd pins "
                  "torch's thread count for the run; do not change it from the loss).")
 
 
@@ -94,6 +94,9 @@ class Exact(Provider):
         """Step 0's gradient twice, through the forward's path and the reverse's (with graph): a loss that draws
         unseeded randomness fails here, in seconds, instead of after the whole forward pass."""
         g1 = self.prob.grad(0)
+        if not bool(torch.isfinite(g1).all()):
+            from ..core.fixed import NonFiniteError
+            raise NonFiniteError("at step 0: the gradient of the training loss holds NaN or inf")
         u1 = self.prob.aux
         g2, _ = self.prob.grad_vjp(0)
         same_u = u1 is None or torch.equal(u1, self.prob.aux)
@@ -247,7 +250,7 @@ class Checkpoint(_Float):
 
     def forward(self, T, tick):
         out = super().forward(T, tick)
-        self.stats["storage_bytes"] = (len(self.ckpt) + self.k + 1) * _nbytes(self.s0)
+        self.stats["storage_bytes"] = (len(self.ckpt) + min(self.k, T) + 1) * _nbytes(self.s0)
         return out
 
     def _pre(self, t):

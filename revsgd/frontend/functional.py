@@ -2,6 +2,7 @@
 final params as tensors whose backward pass is the reverse sweep, for other people's training code)."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from ..engine import ENGINE_METHODS, METHODS, Unroll
+from ..core.fixed import NonFiniteError
 from ..engine.buffers import KEY
 from ..kernels import warm_up
 from ..optim import ReversibleOptimizer, Schedules, get_optimizer
@@ -92,7 +94,6 @@ class _Run:
                 p.copy_(v)
         if prob.buffers is not None:
             prob.binding.finalize(stT[KEY], self.T)
-        prob.binding.close()
 
     def unroll(self, prob: TorchProblem, **extra) -> Unroll:
         sizes = self.params.sizes if any(a.ndim == 2 for a in self.sched.values()) else None
@@ -148,15 +149,18 @@ def hypergrad(train_loss: TrainLoss, val_loss: ValLoss, params0, *, optimizer: U
                                           beta1=beta1, beta2=beta2, eps=eps)), options)
     with pinned_threads(threads) as k:
         prob = run.problem(k)
-        if method == "naive":
-            return _naive(run, prob)
-        u = run.unroll(prob)
-        wT, stT = u.forward()
-        if prob.buffers is not None:
-            prob.set_buffers(stT[KEY])
-        f, dw, dth = prob.val()
-        out = u.reverse(dw, dth)
-        run.finish(prob, wT, stT)
+        try:
+            if method == "naive":
+                return _naive(run, prob)
+            u = run.unroll(prob)
+            wT, stT = u.forward()
+            if prob.buffers is not None:
+                prob.set_buffers(stT[KEY])
+            f, dw, dth = prob.val()
+            out = u.reverse(dw, dth)
+            run.finish(prob, wT, stT)
+        finally:
+            prob.close()
     grads = run.schedule_grads(out.grads)
     grads["params0"] = run.params.unflat(out.d_w0)
     grads.update(_hyper_grads(run, out.d_theta))
@@ -191,6 +195,8 @@ def _naive(run: _Run, prob: TorchProblem) -> HypergradResult:
             wm = w.to(P.dtype)
             prob.views = P.views(wm)
             loss, u = prob._loss(prob.leaves, t)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteError(f"at step {t}: train_loss returned a non-finite value ({loss.item()})")
             g, = torch.autograd.grad(loss, wm, create_graph=True, allow_unused=True)
             g = torch.zeros_like(w) if g is None else g.to(torch.float64)
             w, st = opt.float_step(w, st, g, hp, t)
@@ -200,6 +206,9 @@ def _naive(run: _Run, prob: TorchProblem) -> HypergradResult:
         prob.views = P.views(w.to(P.dtype))
         with prob.eval_buffers(None if R is None else R.to(P.dtype)):
             f = scalar(run.val_loss(prob.views, prob.leaves), "val_loss")
+        f_report = f.item()
+        if not math.isfinite(f_report):
+            raise ValueError(f"val_loss returned a non-finite value: {f_report}")
         wrt = list(leaves.values()) + [w0] + prob._req
         out = torch.autograd.grad(f, wrt, allow_unused=True)
     t2 = time.perf_counter()
@@ -212,7 +221,7 @@ def _naive(run: _Run, prob: TorchProblem) -> HypergradResult:
     stats = {"method": "naive", "optimizer": opt.name, "steps": run.T, "lanes": P.size, "seconds_forward": t1 - t0,
              "seconds_reverse": t2 - t1, "tape_bytes": 0, "info_bits": 0, "storage_bytes": 0,
              "threads": prob.threads}
-    return HypergradResult(f.item(), P.unflat(w.detach()), grads, stats)
+    return HypergradResult(f_report, P.unflat(w.detach()), grads, stats)
 
 
 class _UnrollFunction(torch.autograd.Function):
@@ -267,6 +276,11 @@ def unroll(train_loss: TrainLoss, params0, *, optimizer: Union[str, ReversibleOp
                                           beta1=beta1, beta2=beta2, eps=eps)), options)
     with pinned_threads(threads) as k:
         prob = run.problem(k)
+    if prob.buffers is not None:
+        prob.close()
+        raise ValueError("unroll returns only the params, so a validation loss cannot see (nor differentiate) "
+                         "BatchNorm's running statistics at step T: use revsgd.hypergrad or revsgd.reversible for "
+                         "modules with BatchNorm")
     run.k, run.u = k, run.unroll(prob)
     run.sched_inputs = list(run.sched_tensors)
     inputs = [*run.sched_tensors.values(), *_originals(params0, run.params), *run.hypers.values()]

@@ -84,6 +84,9 @@ class ModuleBinding:
         self._captured = [None] * len(self.layers)
         try:
             yield self
+        except BaseException:
+            self._captured = None
+            raise
         finally:
             for m, bufs in saved:
                 m._buffers.update(bufs)
@@ -151,7 +154,9 @@ class ModuleBinding:
 
 
 def _eval_forward(m: _BatchNorm):
-    """``m.forward`` whose eval mode is differentiable with respect to the running statistics."""
+    """``m.forward`` whose eval mode is differentiable with respect to the running statistics: the values are torch's
+    own kernel's, bit for bit (y_torch + (y − y) is y_torch exactly), the gradients those of
+    (x − mean)/√(var + eps)·weight + bias."""
     train_forward = type(m).forward.__get__(m)
 
     def forward(x):
@@ -161,5 +166,9 @@ def _eval_forward(m: _BatchNorm):
         y = (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
         if m.weight is not None:
             y = y * m.weight.view(shape) + m.bias.view(shape)
-        return y
+        with torch.no_grad():
+            y_torch = torch.nn.functional.batch_norm(x, m.running_mean.detach(), m.running_var.detach(),
+                                                     None if m.weight is None else m.weight.detach(),
+                                                     None if m.bias is None else m.bias.detach(), False, 0.0, m.eps)
+        return y_torch + (y - y.detach())
     return forward

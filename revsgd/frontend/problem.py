@@ -8,6 +8,7 @@ import torch
 
 import contextlib
 
+from ..core.fixed import NonFiniteError
 from ..engine import REVERSAL_HINT, ReversalError
 from ..engine.buffers import Buffers
 from ..engine.problem import Problem
@@ -74,6 +75,8 @@ class TorchProblem(Problem):
         self._G.zero_()
         with torch.enable_grad():
             loss, u = self._loss(self.hypers, t)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteError(f"at step {t}: train_loss returned a non-finite value ({loss.item()})")
             if loss.requires_grad:
                 loss.backward(inputs=self._lv)
         self.aux = None if u is None else u.detach()
@@ -109,6 +112,11 @@ class TorchProblem(Problem):
         """The running statistics the validation loss sees (R_T)."""
         self._R = R.detach()
 
+    def close(self) -> None:
+        """Remove the module hooks (the run is over)."""
+        if self.binding is not None:
+            self.binding.close()
+
     def eval_buffers(self, R: torch.Tensor, differentiable: bool = True):
         """Context: the module's BatchNorm buffers are views of R during the block (no-op without buffers)."""
         if self.buffers is None:
@@ -121,17 +129,12 @@ class TorchProblem(Problem):
                 for h in self.leaves.values()]
 
     def val(self):
-        R = None
-        if self.buffers is not None:
-            R = self._R.to(self.params.dtype).requires_grad_()
-            with torch.no_grad(), self.eval_buffers(R.detach(), differentiable=False):
-                fv = scalar(self.val_loss(self.views, self.leaves), "val_loss").item()   # torch's own kernels
+        R = None if self.buffers is None else self._R.to(self.params.dtype).requires_grad_()
         with torch.enable_grad(), self.eval_buffers(R):
             f = scalar(self.val_loss(self.views, self.leaves), "val_loss")
             wrt = self._lv + self._req + ([R] if R is not None else [])
             out = torch.autograd.grad(f, wrt, allow_unused=True)
-        if R is None:
-            fv = f.item()
+        fv = f.item()
         if not math.isfinite(fv):
             raise ValueError(f"val_loss returned a non-finite value: {fv}")
         if R is not None:

@@ -10,8 +10,14 @@ P is written in a second pass once every lane succeeded (on error it stays untou
 
 Python plans the tape (:meth:`TapeStorage.plan`; skipped when no group shifts) and commits after success. A tape
 goes to the kernel as ``(heads, words, h, pending, rows, on)``; ``on`` is False when no group shifts.
+
+Compilation (~15 s cold, then cached): one variant per op. G and P go in as a (float32, float64) pair with the
+unused slot empty, read-only parameter arrays are copied (numba types them apart), and internal calls pass no
+literal constants (each literal would compile its own variant).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -23,14 +29,19 @@ except ImportError:  # pragma: no cover - numba is a hard dependency, but the re
 else:
     available = True
 
-from ..core.tapeformat import HostArrays
+from ..core.tapeformat import HostArrays, TapeStorage
 from .vectorized import KernelError
 
 name = "numba"
 arrays = HostArrays
+_BASE_COMMIT = TapeStorage.commit
 CHUNK = 16384
 
 _TWO63 = 2.0**63
+_TWO125 = 2.0**125
+LIMB = 62                     # two-limb states (Adam's S): hi·2^62 + lo, 0 <= lo < 2^62
+_LIMB_MASK = (1 << LIMB) - 1
+_TWO62, _TWO_M62 = 2.0**LIMB, 2.0**-LIMB
 # revsgd/kernels/codes.py: base | state << 4
 _GRAD0 = 1
 _TERM0, _TERM1, _TERM2 = 2, 2 | 16, 2 | 32
@@ -81,33 +92,51 @@ if available:
                 p = p + 16 - h if moves else p - h
             else:
                 p = p + h - 16 if moves else p + h
-        keep = p + h - 16 if moves else 0
+        keep = p + h - 16 if push and moves else 0   # bits left in the head after a push emits its row
         return h, p, moves, keep, row - first
 
     @_jit
-    def _push(heads, i, x, h, moves, keep):
-        """_Shift.forward on lane i: (x >> h, new head, row word)."""
-        c = (np.int64(heads[i]) << h) | (x & ((np.int64(1) << h) - 1))
+    def _push(head, x, h, moves, keep):
+        """_Shift.forward on a lane with head ``head``: (x >> h, new head, row word). Scalars only: helpers that
+        take arrays cost a reference count per lane."""
+        c = (np.int64(head) << h) | (x & ((np.int64(1) << h) - 1))
         if moves:
             return x >> h, c & ((np.int64(1) << keep) - 1), c >> keep
         return x >> h, c, np.int64(0)
 
     @_jit
-    def _pop(heads, words, i, x, h, p, moves, wbase):
-        """_Shift.reverse on lane i: (ok, (x << h) | bits, new head); ok False where x << h leaves int64."""
+    def _pop(head, word, x, h, p, moves):
+        """_Shift.reverse on a lane (``word``: its row word if the group pops a row): (ok, (x << h) | bits,
+        new head); ok False where x << h leaves int64."""
         top = x >> (63 - h)
         if top != 0 and top != -1:
             return False, x, np.int64(0)
-        c = np.int64(heads[i])
+        c = np.int64(head)
         if moves:
-            c = (np.int64(words[wbase + i]) << p) | c
+            c = (np.int64(word) << p) | c
         return True, (x << h) | (c & ((np.int64(1) << h) - 1)), c >> h
 
     @_jit
-    def _store(tape, i, push, moves, wbase, head, word):
-        tape[0][i] = head
-        if push and moves:
-            tape[1][wbase + i] = word
+    def _fix2(y):
+        """(ok, yh, yl): yh·2^62 + yl = rint(y) for y in [0, 2^125) (NaN fails); the subtraction is exact."""
+        if y >= 0.0 and y < _TWO125:
+            f = np.floor(y * _TWO_M62)
+            return True, np.int64(np.rint(f)), np.int64(np.rint(y - f * _TWO62))
+        return False, np.int64(0), np.int64(0)
+
+    @_jit
+    def _add2(hi, lo, dh, dl):
+        """(overflowed, hi, lo) of (hi, lo) + (dh, dl), the carry going from lo into hi."""
+        lo2 = lo + dl
+        bad, hi2 = _add(hi, dh + (lo2 >> LIMB))
+        return bad, hi2, lo2 & _LIMB_MASK
+
+    @_jit
+    def _sub2(hi, lo, dh, dl):
+        """(overflowed, hi, lo) of (hi, lo) − (dh, dl), the borrow going from lo into hi."""
+        lo2 = lo - dl
+        bad, hi2 = _sub(hi, dh - (lo2 >> LIMB))
+        return bad, hi2, lo2 & _LIMB_MASK
 
     @_jit
     def _fix(y):
@@ -202,13 +231,15 @@ if available:
                 heads, words = tape[0], tape[1]
                 for i in range(lo, hi):
                     if fwd:
-                        x, nh, nw = _push(heads, i, X[i], h, moves, keep)
+                        x, nh, nw = _push(heads[i], X[i], h, moves, keep)
                     else:
-                        ok, x, nh = _pop(heads, words, i, X[i], h, p, moves, wbase)
+                        ok, x, nh = _pop(heads[i], words[wbase + i] if moves else 0, X[i], h, p, moves)
                         nw = np.int64(0)
                         if not ok:
                             return i, _UNSH0
-                    _store(tape, i, fwd, moves, wbase, nh, nw)
+                    heads[i] = nh
+                    if fwd and moves:
+                        words[wbase + i] = nw
                     X[i] = x
             lo = hi
             g += 1
@@ -233,22 +264,23 @@ if available:
         _check_groups(off, L)
         _check_tape(tape, off, L)
         nch = (L + CHUNK - 1) // CHUNK
+        zero, no, yes = np.int64(0), np.bool_(False), np.bool_(True)   # not literals: one compiled variant each
         if nch == 1:
-            s, e = _shift_range(X, off, tape, fwd, np.int64(0), L, np.bool_(False))
+            s, e = _shift_range(X, off, tape, fwd, zero, L, no)
             if e != 0:
-                s2, e2 = _shift_range(X, off, tape, not fwd, np.int64(0), s, np.bool_(True))
+                s2, e2 = _shift_range(X, off, tape, not fwd, zero, s, yes)
                 if s2 != s or e2 != 0:
                     raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, s
             return 0, -1
         stop = np.empty(nch, np.int64)
         err = np.zeros(nch, np.int64)
-        _shift_chunks(X, off, tape, fwd, np.bool_(False), stop, err)
+        _shift_chunks(X, off, tape, fwd, no, stop, err)
         for c in range(nch):
             if err[c] != 0:
                 e, lane = err[c], stop[c]
                 err[:] = 0
-                _shift_chunks(X, off, tape, not fwd, np.bool_(True), stop, err)
+                _shift_chunks(X, off, tape, not fwd, yes, stop, err)
                 for c2 in range(nch):
                     if err[c2] != 0:
                         raise RuntimeError("undoing a failed op failed (internal error)")
@@ -259,9 +291,9 @@ if available:
     @_jit
     def _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, a, b, undo):
         g32 = G32.shape[0] != 0
-        two_fv = 2.0**fv
-        sv = 2.0 ** (fw - fv)
-        ws = 2.0**-fw
+        two_fv = math.ldexp(1.0, fv)      # the spec's 2.0**frac_v, 2.0**(frac_w − frac_v), 2.0**−frac_w: exact
+        sv = math.ldexp(1.0, fw - fv)
+        ws = math.ldexp(1.0, -fw)
         g = _group_of(off, a)
         lo = a
         while lo < b:
@@ -292,7 +324,7 @@ if available:
                         return i, _TERM0
                     if fwd:
                         if h != 0:
-                            v, nh, nw = _push(heads, i, v, h, moves, keep)
+                            v, nh, nw = _push(heads[i], v, h, moves, keep)
                         bad, v = _add(v, d)
                         if bad:
                             return i, _ADD0
@@ -301,7 +333,7 @@ if available:
                         if bad:
                             return i, _ADD0
                         if h != 0:
-                            ok, v, nh = _pop(heads, words, i, v, h, p, moves, wbase)
+                            ok, v, nh = _pop(heads[i], words[wbase + i] if moves else 0, v, h, p, moves)
                             if not ok:
                                 return i, _UNSH0
                 if fwd and po:
@@ -313,7 +345,9 @@ if available:
                         return i, _ADD1
                 if st:
                     if h != 0:
-                        _store(tape, i, fwd, moves, wbase, nh, nw)
+                        heads[i] = nh
+                        if fwd and moves:
+                            words[wbase + i] = nw
                     V[i] = v
                 if po:
                     W[i] = w
@@ -343,42 +377,44 @@ if available:
         _check_param(cv, Gn)
         _check_param(cp, Gn)
         _check_param(lam, Gn)
-        if fv < 0 or fv > 62 or fw < 0 or fw > 62:
-            raise ValueError("fractional bits must lie in [0, 62]")
+        if fv < 0 or fv > 512 or fw < 0 or fw > 512:
+            raise ValueError("fractional bits must lie in [0, 512]")
         _check_tape(tape, off, L)
         nch = (L + CHUNK - 1) // CHUNK
+        zero, no, yes = np.int64(0), np.bool_(False), np.bool_(True)   # not literals: one compiled variant each
         if nch == 1:
-            s, e = _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, np.int64(0), L, np.bool_(False))
+            s, e = _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, zero, L, no)
             if e != 0:
-                s2, e2 = _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, np.int64(0), s, np.bool_(True))
+                s2, e2 = _mom_range(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, zero, s, yes)
                 if s2 != s or e2 != 0:
                     raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, s
             if po:
-                _write_p(W, P32, P64, off, np.full(1, 2.0**-fw), np.int64(0), L)
+                _write_p(W, P32, P64, off, np.full(1, math.ldexp(1.0, -fw)), zero, L)
             return 0, -1
         stop = np.empty(nch, np.int64)
         err = np.zeros(nch, np.int64)
-        _mom_chunks(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, np.bool_(False), stop, err)
+        _mom_chunks(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, fwd, st, po, no, stop, err)
         for c in range(nch):
             if err[c] != 0:
                 e, lane = err[c], stop[c]
                 err[:] = 0
-                _mom_chunks(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, np.bool_(True), stop, err)
+                _mom_chunks(V, W, G32, G64, off, cv, cp, lam, fv, fw, tape, not fwd, st, po, yes, stop, err)
                 for c2 in range(nch):
                     if err[c2] != 0:
                         raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, lane
         if po:
-            _write_p_chunks(W, P32, P64, off, np.full(1, 2.0**-fw))
+            _write_p_chunks(W, P32, P64, off, np.full(1, math.ldexp(1.0, -fw)))
         return 0, -1
 
     # --- adam ---------------------------------------------------------------------------------------------
     @_jit
-    def _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo):
+    def _adam_range(M, Sh, Sl, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo):
         c1a, c2a, lama, ama, asa, sba, epsa, cua, wsa = prm
         g32 = G32.shape[0] != 0
-        two_fm, two_fs, two_fw = 2.0**fm, 2.0**fs, 2.0**fw
+        hdm, wdm, hds, wds, hdw, wdw = tm[0], tm[1], ts[0], ts[1], tw[0], tw[1]
+        two_fm, two_fs, two_fw = math.ldexp(1.0, fm), math.ldexp(1.0, fs), math.ldexp(1.0, fw)
         g = _group_of(off, a)
         lo = a
         while lo < b:
@@ -386,6 +422,7 @@ if available:
             first = off[g]
             c1, c2, lam, am = _at(c1a, g), _at(c2a, g), _at(lama, g), _at(ama, g)
             as_, sb, eps, cu, ws = _at(asa, g), _at(sba, g), _at(epsa, g), _at(cua, g), _at(wsa, g)
+            as62 = as_ * _TWO62
             if st:
                 hm, pm, mvm, kpm, wbm = _seg(tm, g, first, fwd, undo)
                 hs, ps, mvs, kps, wbs = _seg(ts, g, first, fwd, undo)
@@ -397,10 +434,10 @@ if available:
             else:
                 hw, pw, mvw, kpw, wbw = 0, 0, False, 0, 0
             for i in range(lo, hi):
-                m, s, w = M[i], S[i], W[i]
+                m, sh, sl, w = M[i], Sh[i], Sl[i], W[i]
                 nhm = nwm = nhs = nws = nhw = nww = np.int64(0)
                 if not fwd and po:
-                    q = (am * np.float64(m)) / (np.sqrt(as_ * np.float64(s)) / sb + eps)
+                    q = (am * np.float64(m)) / (np.sqrt(as62 * np.float64(sh) + as_ * np.float64(sl)) / sb + eps)
                     ok, u = _fix((cu * q) * two_fw)
                     if not ok:
                         return i, _TERM2
@@ -408,7 +445,7 @@ if available:
                     if bad:
                         return i, _ADD2
                     if hw != 0:
-                        ok, w, nhw = _pop(tw[0], tw[1], i, w, hw, pw, mvw, wbw)
+                        ok, w, nhw = _pop(hdw[i], wdw[wbw + i] if mvw else 0, w, hw, pw, mvw)
                         if not ok:
                             return i, _UNSH2
                 if st:
@@ -419,39 +456,44 @@ if available:
                     ok, d1 = _fix((c1 * gr) * two_fm)
                     if not ok:
                         return i, _TERM0
-                    ok, d2 = _fix((c2 * (gr * gr)) * two_fs)
+                    ok, dh, dl = _fix2((c2 * (gr * gr)) * two_fs)
                     if not ok:
                         return i, _TERM1
                     if fwd:
                         if hm != 0:
-                            m, nhm, nwm = _push(tm[0], i, m, hm, mvm, kpm)
+                            m, nhm, nwm = _push(hdm[i], m, hm, mvm, kpm)
                         bad, m = _add(m, d1)
                         if bad:
                             return i, _ADD0
-                        if hs != 0:
-                            s, nhs, nws = _push(ts[0], i, s, hs, mvs, kps)
-                        bad, s = _add(s, d2)
+                        if hs != 0:   # forward2: lo's low bits to the tape, hi's low bits into lo's top
+                            sl, nhs, nws = _push(hds[i], sl, hs, mvs, kps)
+                            sl = sl | ((sh & ((np.int64(1) << hs) - 1)) << (LIMB - hs))
+                            sh = sh >> hs
+                        bad, sh, sl = _add2(sh, sl, dh, dl)
                         if bad:
                             return i, _ADD1
                     else:
-                        bad, s = _sub(s, d2)
+                        bad, sh, sl = _sub2(sh, sl, dh, dl)
                         if bad:
                             return i, _ADD1
-                        if hs != 0:
-                            ok, s, nhs = _pop(ts[0], ts[1], i, s, hs, ps, mvs, wbs)
+                        if hs != 0:   # reverse2
+                            ok, h2, nhs = _pop(hds[i], wds[wbs + i] if mvs else 0, sh, hs, ps, mvs)
                             if not ok:
                                 return i, _UNSH1
+                            bits = h2 & ((np.int64(1) << hs) - 1)
+                            sh = (h2 - bits) | (sl >> (LIMB - hs))
+                            sl = ((sl << hs) & _LIMB_MASK) | bits
                         bad, m = _sub(m, d1)
                         if bad:
                             return i, _ADD0
                         if hm != 0:
-                            ok, m, nhm = _pop(tm[0], tm[1], i, m, hm, pm, mvm, wbm)
+                            ok, m, nhm = _pop(hdm[i], wdm[wbm + i] if mvm else 0, m, hm, pm, mvm)
                             if not ok:
                                 return i, _UNSH0
                 if fwd and po:
                     if hw != 0:
-                        w, nhw, nww = _push(tw[0], i, w, hw, mvw, kpw)
-                    q = (am * np.float64(m)) / (np.sqrt(as_ * np.float64(s)) / sb + eps)
+                        w, nhw, nww = _push(hdw[i], w, hw, mvw, kpw)
+                    q = (am * np.float64(m)) / (np.sqrt(as62 * np.float64(sh) + as_ * np.float64(sl)) / sb + eps)
                     ok, u = _fix((cu * q) * two_fw)
                     if not ok:
                         return i, _TERM2
@@ -460,26 +502,33 @@ if available:
                         return i, _ADD2
                 if st:
                     if hm != 0:
-                        _store(tm, i, fwd, mvm, wbm, nhm, nwm)
+                        hdm[i] = nhm
+                        if fwd and mvm:
+                            wdm[wbm + i] = nwm
                     if hs != 0:
-                        _store(ts, i, fwd, mvs, wbs, nhs, nws)
+                        hds[i] = nhs
+                        if fwd and mvs:
+                            wds[wbs + i] = nws
                     M[i] = m
-                    S[i] = s
+                    Sh[i] = sh
+                    Sl[i] = sl
                 if po:
                     if hw != 0:
-                        _store(tw, i, fwd, mvw, wbw, nhw, nww)
+                        hdw[i] = nhw
+                        if fwd and mvw:
+                            wdw[wbw + i] = nww
                     W[i] = w
             lo = hi
             g += 1
         return b, 0
 
     @_pjit
-    def _adam_chunks(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, undo, stop, err):
+    def _adam_chunks(M, Sh, Sl, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, undo, stop, err):
         L = M.shape[0]
         for c in prange(stop.shape[0]):
             a = c * CHUNK
             b = stop[c] if undo else min(L, a + CHUNK)
-            s, e = _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo)
+            s, e = _adam_range(M, Sh, Sl, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, a, b, undo)
             if undo:
                 if s != b or e != 0:
                     err[c] = _UNDO_FAILED
@@ -487,38 +536,48 @@ if available:
                 stop[c], err[c] = s, e
 
     @_jit
-    def _adam(M, S, W, G32, G64, P32, P64, off, prm, ps, fm, fs, fw, tm, ts, tw, fwd, st, po):
+    def _adam(M, Sh, Sl, W, G32, G64, P32, P64, off, prm, ps, fm, fs, fw, tm, ts, tw, fwd, st, po):
         L = M.shape[0]
         Gn = _check_groups(off, L)
-        if S.shape[0] != L or W.shape[0] != L or not _lanes_ok(G32, G64, P32, P64, st, L):
+        if Sh.shape[0] != L or Sl.shape[0] != L or W.shape[0] != L or not _lanes_ok(G32, G64, P32, P64, st, L):
             raise ValueError("arrays must have one entry per lane")
         c1, c2, lam, am, as_, sb, eps, cu, ws = prm
-        for a in (c1, c2, lam, am, as_, sb, eps, cu, ws, ps):
-            _check_param(a, Gn)
-        if fm < 0 or fm > 62 or fs < 0 or fs > 62 or fw < 0 or fw > 62:
-            raise ValueError("fractional bits must lie in [0, 62]")
+        _check_param(c1, Gn)
+        _check_param(c2, Gn)
+        _check_param(lam, Gn)
+        _check_param(am, Gn)
+        _check_param(as_, Gn)
+        _check_param(sb, Gn)
+        _check_param(eps, Gn)
+        _check_param(cu, Gn)
+        _check_param(ws, Gn)
+        _check_param(ps, Gn)
+        if fm < 0 or fm > 512 or fs < 0 or fs > 512 or fw < 0 or fw > 512:
+            raise ValueError("fractional bits must lie in [0, 512]")
         _check_tape(tm, off, L)
         _check_tape(ts, off, L)
         _check_tape(tw, off, L)
         nch = (L + CHUNK - 1) // CHUNK
+        zero, no, yes = np.int64(0), np.bool_(False), np.bool_(True)   # not literals: one compiled variant each
         if nch == 1:
-            s, e = _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, np.int64(0), L, np.bool_(False))
+            s, e = _adam_range(M, Sh, Sl, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, zero, L, no)
             if e != 0:
-                s2, e2 = _adam_range(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, np.int64(0), s, np.bool_(True))
+                s2, e2 = _adam_range(M, Sh, Sl, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, zero, s,
+                                     yes)
                 if s2 != s or e2 != 0:
                     raise RuntimeError("undoing a failed op failed (internal error)")
                 return e, s
             if po:
-                _write_p(W, P32, P64, off, ps, np.int64(0), L)
+                _write_p(W, P32, P64, off, ps, zero, L)
             return 0, -1
         stop = np.empty(nch, np.int64)
         err = np.zeros(nch, np.int64)
-        _adam_chunks(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, np.bool_(False), stop, err)
+        _adam_chunks(M, Sh, Sl, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, fwd, st, po, no, stop, err)
         for c in range(nch):
             if err[c] != 0:
                 e, lane = err[c], stop[c]
                 err[:] = 0
-                _adam_chunks(M, S, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, np.bool_(True), stop, err)
+                _adam_chunks(M, Sh, Sl, W, G32, G64, off, prm, fm, fs, fw, tm, ts, tw, not fwd, st, po, yes, stop, err)
                 for c2 in range(nch):
                     if err[c2] != 0:
                         raise RuntimeError("undoing a failed op failed (internal error)")
@@ -541,6 +600,12 @@ def _any_shift(h) -> bool:
     return b != z
 
 
+def _w(a):
+    """A read-only parameter array (e.g. a view of a frozen schedule grid) as a writeable copy: numba types
+    read-only arrays apart, and each mix would compile the kernels again."""
+    return a if a.flags.writeable else a.copy()
+
+
 def _tape(st, h, push: bool):
     """(kernel tape tuple, rows or None): plans the tape unless no group shifts (then no tape work at all)."""
     if st is None or not _any_shift(h):
@@ -548,12 +613,14 @@ def _tape(st, h, push: bool):
     if h.dtype != _I64:
         raise TypeError(f"shifts must be int64, got {h.dtype} (no silent conversion)")
     rows = st.plan(h, push)
-    return (st.heads, st.words, h, st.pending, rows, True), rows
+    return (st.heads, st.words, _w(h), st.pending, rows, True), rows
 
 
 def _commit(st, h, push: bool, rows) -> None:
-    if rows is None:
-        st.depth += 1 if push else -1   # TapeStorage.commit of an all-zero shift: only the depth changes
+    """TapeStorage.commit; for an all-zero shift (rows None) only the depth changes, so skip its NumPy work
+    (~7 µs) unless a storage class overrides commit."""
+    if rows is None and type(st).commit is _BASE_COMMIT:
+        st.depth += 1 if push else -1
     else:
         st.commit(h, push)
 
@@ -583,8 +650,8 @@ def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
     tape, rows = _tape(st, h, forward) if state else (_OFF, None)
     G32, G64 = _floats(G, "G", state)
     P32, P64 = _floats(P, "P", position)
-    e, lane = _momentum(V, W, G32, G64, P32, P64, st.offsets, prm.cv, prm.cp, prm.lam, prm.frac_v, prm.frac_w,
-                        tape, forward, state, position)
+    e, lane = _momentum(V, W, G32, G64, P32, P64, st.offsets, _w(prm.cv), _w(prm.cp), _w(prm.lam), prm.frac_v,
+                        prm.frac_w, tape, forward, state, position)
     if e:
         raise KernelError(int(e), int(lane))
     if state:
@@ -602,8 +669,10 @@ def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
     tw, rw = _tape(stw, prm.hw, forward) if position else (_OFF, None)
     G32, G64 = _floats(G, "G", state)
     P32, P64 = _floats(P, "P", position)
-    e, lane = _adam(M, S, W, G32, G64, P32, P64, stm.offsets,
-                    (prm.c1, prm.c2, prm.lam, prm.am, prm.as_, prm.sb, prm.eps, prm.cu, prm.ws), prm.ps,
+    Sh, Sl = S
+    e, lane = _adam(M, Sh, Sl, W, G32, G64, P32, P64, stm.offsets,
+                    (_w(prm.c1), _w(prm.c2), _w(prm.lam), _w(prm.am), _w(prm.as_), _w(prm.sb), _w(prm.eps), _w(prm.cu),
+                     _w(prm.ws)), _w(prm.ps),
                     prm.frac_m, prm.frac_s, prm.frac_w, tm, ts, tw, forward, state, position)
     if e:
         raise KernelError(int(e), int(lane))

@@ -107,11 +107,11 @@ class TorchOps:
         vals = np.asarray(vals)
         if vals.shape[0] == 1:
             return vals[0].item()
-        return torch.from_numpy(vals).to(gid.device)[gid]
+        return torch.from_numpy(np.array(vals)).to(gid.device)[gid]
 
     @staticmethod
     def lanes_array(vals, gid):
-        return torch.from_numpy(np.asarray(vals)).to(gid.device)[gid]
+        return torch.from_numpy(np.array(vals)).to(gid.device)[gid]
 
     @staticmethod
     def read_words(words, pos):

@@ -294,7 +294,8 @@ class _Shift:
         bits = hi2 & ((1 << h) - 1)
         hi2 = (hi2 - bits) | (lo >> (LIMB - h))
         lo2 = ((lo << h) & LIMB_MASK) | bits
-        return hi2, lo2, err
+        on = h > 0                                       # lanes of groups without a shift stay exactly as they are
+        return self.ops.where(on, hi2, hi), self.ops.where(on, lo2, lo), err
 
     def commit(self) -> None:
         if not self.active:

@@ -345,6 +345,9 @@ class ReversibleOptimizer:
     def prepare(self, sch: Schedules, exact: bool) -> "Plan":
         """What the steps need, computed once: derived values and (exact) the decays of the rescaled states."""
         self.check(sch)
+        if exact and not self.supports_exact:
+            raise ValueError(self.exact_refusal or f"optimizer {self.name!r} has no exact (reversible) step; use a "
+                             f"stored-state method (checkpoint, replay, trajectory)")
         dec = {k: Decay.of(f, sch.G, self.decay_names.get(k, k)) for k, f in self.decay_factors(sch).items()} \
             if exact else {}
         with torch.no_grad():

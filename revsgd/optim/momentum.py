@@ -14,8 +14,8 @@ _ZERO = np.zeros(1)
 
 def _check_lr(sch: Schedules) -> None:
     lr = sch.host["lr"]
-    if not np.all(np.isfinite(lr)):
-        raise ValueError("lr holds NaN or inf")
+    if not np.all(np.isfinite(lr) & (lr >= 0)):
+        raise ValueError("lr must be finite and non-negative (as torch.optim requires)")
 
 
 def _check_unit(sch: Schedules, name: str, lo_open: bool = False) -> None:
@@ -83,6 +83,10 @@ class HeavyBall(_MomentumKernel):
         v = gam * st["velocity"] - (1.0 - gam) * g
         return w + a * v, {"velocity": v}
 
+    def drmad_state(self, w, w1, hp) -> dict:
+        """DrMAD: the velocity that moves w to w1 in one step, v = (w1 − w)/α (0 where α = 0)."""
+        return {"velocity": _per_lr(w1 - w, hp["lr"])}
+
     def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
         gam, a = hp["momentum"], hp["lr"]
         dv = dst["velocity"] + a * dw
@@ -146,6 +150,13 @@ class SGD(_MomentumKernel):
                               np.ascontiguousarray(plan.groups("weight_decay", t), dtype=np.float64),
                               self.frac["momentum_buffer"], self.frac["params"])
 
+    def drmad_state(self, w, w1, hp) -> dict:
+        """DrMAD: the buffer that moves w to w1 in one step, b = −(w1 − w)/α (0 where α = 0)."""
+        if self.nesterov:
+            raise ValueError("method 'drmad' cannot recover nesterov's buffer from the straight line (its step "
+                             "also depends on the gradient); use another method")
+        return {"momentum_buffer": -_per_lr(w1 - w, hp["lr"])}
+
     def float_step(self, w, st, g, hp, t):
         a, mu, tau, lam = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
         gp = g + lam * w
@@ -204,3 +215,9 @@ class Nesterov(SGD):
             raise ValueError("nesterov momentum requires a momentum > 0 (as torch.optim.SGD does)")
         if np.any(sch.host["dampening"] != 0):
             raise ValueError("nesterov momentum requires zero dampening (as torch.optim.SGD does)")
+
+
+def _per_lr(dw: torch.Tensor, a) -> torch.Tensor:
+    """dw / α with 0 where α = 0 (α a float or a per-lane tensor)."""
+    a = torch.as_tensor(a, dtype=dw.dtype, device=dw.device)
+    return torch.where(a != 0, dw / torch.where(a != 0, a, torch.ones_like(a)), torch.zeros_like(dw))
