@@ -56,16 +56,11 @@ class Problem:
     def hyper_zeros(self) -> list:
         return []
 
-    _mult: Optional[torch.Tensor] = None
-
     def fingerprint(self, g: torch.Tensor) -> torch.Tensor:
-        """A 0-d int64 hash of g's bits (wrapping integer arithmetic: deterministic on every device)."""
-        bits = g.detach().view(torch.int64 if g.dtype == torch.float64 else torch.int32).to(torch.int64)
-        if self._mult is None or self._mult.shape != bits.shape or self._mult.device != bits.device:
-            gen = torch.Generator().manual_seed(0x5EED)
-            m = torch.randint(-2**62, 2**62, bits.shape, generator=gen, dtype=torch.int64) | 1
-            self._mult = m.to(bits.device)
-        return (bits * self._mult).sum()
+        """A 0-d int64 hash of g's bits: the wrapping integer sum of their bit patterns (one reduction; any change
+        of a single element changes it; deterministic on every device)."""
+        bits = g.detach().reshape(-1).view(torch.int64 if g.dtype == torch.float64 else torch.int32)
+        return torch.sum(bits, dtype=torch.int64)
 
 
 class NumpyProblem(Problem):

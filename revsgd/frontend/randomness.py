@@ -37,8 +37,9 @@ DOMAIN = 0x72657673   # b"revs": the first spawn-key word, separating these stre
 DeviceLike = Union[int, str, torch.device]
 
 
-def _words(seed: int, t: int, n: int) -> np.ndarray:
-    return np.random.SeedSequence(seed, spawn_key=(DOMAIN, t)).generate_state(n, np.uint32)
+@functools.lru_cache(maxsize=1 << 16)   # the reverse pass asks for the same steps again
+def _words(seed: int, t: int, n: int) -> tuple:
+    return tuple(int(x) for x in np.random.SeedSequence(seed, spawn_key=(DOMAIN, t)).generate_state(n, np.uint32))
 
 
 def step_seed(seed: int, t: int) -> int:
@@ -106,7 +107,7 @@ def seeded(seed: int, t: int, devices: Optional[Iterable[DeviceLike]] = None, *,
             py_state, np_state = random.getstate(), np.random.get_state()
             stack.callback(np.random.set_state, np_state)
             stack.callback(random.setstate, py_state)
-            np.random.seed(w[2:4])
+            np.random.seed(list(w[2:4]))
             random.seed(int(w[4]) | (int(w[5]) << 32))
         yield s
 

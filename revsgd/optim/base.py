@@ -75,16 +75,25 @@ class Schedules:
         return g
 
     def reduce(self, parts: dict, t: int, into: dict) -> None:
-        """Add each per-lane contribution's sum to ``into[name][t]``: over all lanes where ``into[name]`` is (T,),
-        per group where it is (T, G) (one segmented reduction for all of those)."""
-        grp = []
+        """Add each per-lane contribution's sum to ``into[name][t]``: over all lanes where ``into[name]`` is (T,)
+        (one stacked reduction per step for all of those), per group where it is (T, G) (one segmented
+        reduction)."""
+        grp, vecs, names = [], [], []
         for k, v in parts.items():
             if v is None:
                 continue
             if into[k].dim() == 1:
-                into[k][t] += v.sum() if isinstance(v, torch.Tensor) and v.dim() else v
+                if isinstance(v, torch.Tensor) and v.dim():
+                    vecs.append(v.expand(self._gid.shape))
+                    names.append(k)
+                else:
+                    into[k][t] += v
             else:
                 grp.append(k)
+        if vecs:
+            sums = torch.stack(vecs).sum(1)
+            for i, k in enumerate(names):
+                into[k][t] += sums[i]
         if grp:
             stacked = torch.stack([parts[k].expand(self._gid.shape) for k in grp], 1)      # (L, K)
             sums = torch.segment_reduce(stacked, "sum", lengths=self._lengths, axis=0)     # (G, K)
@@ -180,13 +189,14 @@ class ExactState:
             return self._views[name], self._views[name + ".lo"]
         return self._views[name]
 
-    def state_float(self, name: str) -> torch.Tensor:
-        """flt of the (rescaled) integer state on this state's lanes, float64."""
+    def state_float(self, name: str, scale=1.0) -> torch.Tensor:
+        """scale · flt of the (rescaled) integer state on this state's lanes, float64 (``scale`` a float or a
+        per-lane tensor: the decay's scale e turns the rescaled state into its true value)."""
         F = self.frac[name]
-        x = self.X[name].to(torch.float64) * 2.0 ** ((LIMB if name in self.two_limb else 0) - F)
         if name in self.two_limb:
-            x = x + self.X[name + ".lo"].to(torch.float64) * 2.0 ** -F
-        return x
+            return (self.X[name].to(torch.float64) * (2.0 ** (LIMB - F) * scale)
+                    + self.X[name + ".lo"].to(torch.float64) * (2.0 ** -F * scale))
+        return self.X[name].to(torch.float64) * (2.0 ** -F * scale)
 
     def local(self, prm):
         """Per-group kernel parameters cut to the groups this state's lanes intersect (identity when unsharded)."""
@@ -270,9 +280,9 @@ class ExactState:
     def on_abort(self, f: Callable[[], None]) -> None:
         self._undo.append(f)
 
-    def float_params(self) -> torch.Tensor:
-        """flt(W) over all lanes (W is kept whole on every shard)."""
-        return self.W.to(torch.float64) * 2.0 ** -self.frac["params"]
+    def float_params(self, scale=1.0) -> torch.Tensor:
+        """scale · flt(W) over all lanes (W is kept whole on every shard)."""
+        return self.W.to(torch.float64) * (2.0 ** -self.frac["params"] * scale)
 
 
 def _nonfinite(name):
@@ -425,14 +435,10 @@ class ReversibleOptimizer:
     def exact_floats(self, ex: ExactState, t: int, plan: "Plan") -> tuple:
         """(w_t, {state: value_t}) as float64 tensors from the integer state at step t: the true values, i.e. the
         rescaled states times their scales e_t."""
-        w = ex.float_params()
-        if "params" in plan.decay:
-            w = w * plan.lanes(plan.decay["params"].e[t])
-        st = {}
-        for k, v in zip(self.state_names, ex.gather_many([ex.state_float(k) for k in self.state_names])):
-            if k in plan.decay:
-                v = v * plan.lanes(plan.decay[k].e[t])
-            st[k] = v
+        w = ex.float_params(plan.lanes(plan.decay["params"].e[t]) if "params" in plan.decay else 1.0)
+        scales = [plan.lanes(plan.decay[k].e[t]) if k in plan.decay else 1.0 for k in self.state_names]
+        st = dict(zip(self.state_names, ex.gather_many([ex.state_float(k, c) for k, c in zip(self.state_names,
+                                                                                            scales)])))
         return w, st
 
 
