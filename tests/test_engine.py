@@ -279,7 +279,8 @@ def test_hypergrad_numpy_groups():
     assert res.grads["lr"].shape == (50, 2) and res.grads["momentum"].shape == (50, 2)
     np.testing.assert_allclose(res.grads["lr"].sum(1), ref.grads["lr"], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(res.grads["momentum"].sum(1), ref.grads["momentum"], rtol=1e-12, atol=1e-15)
-    np.testing.assert_array_equal(res.d_theta, ref.d_theta)
+    # the float adjoint may take a differently fused path for per-group values: equal to rounding, not bit for bit
+    np.testing.assert_allclose(res.d_theta, ref.d_theta, rtol=1e-12, atol=1e-15)
     # group 0 is lane 0 alone: a larger lr there changes only lane 0's trajectory
     lr = np.full((50, 2), 0.1)
     lr[:, 0] = 0.05

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import revsgd
+from revsgd.optim.base import contribution
 from revsgd.optim import ExactState, ReversibleOptimizer, Schedules, get_optimizer
 from revsgd.frontend.inputs import as_params
 
@@ -296,10 +297,13 @@ def _random_case(kind: str, per_lane: bool, seed: int):
 
 
 def _total(x, like):
+    """A contribution (tensor, tuple of factors, or None) as the adjoint of hyper value ``like``: summed over lanes
+    for a scalar hyper, per lane for a per-lane one."""
     if x is None:
         return torch.zeros(()) if not isinstance(like, torch.Tensor) else torch.zeros_like(like)
+    x = contribution(x)
     if not isinstance(like, torch.Tensor) or like.dim() == 0:
-        return x.sum()
+        return torch.as_tensor(x).sum()
     return x
 
 

@@ -6,7 +6,7 @@ import torch
 
 from .. import kernels
 from ..kernels import AdamParams
-from .base import ExactState, Plan, ReversibleOptimizer, Schedules
+from .base import ExactState, Plan, ReversibleOptimizer, Schedules, axpy, scale
 
 _ZERO = np.zeros(1)
 
@@ -106,29 +106,30 @@ class Adam(ReversibleOptimizer):
     def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
         a, b1, b2, eps, lam = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]
         bc1, bc2 = hp["bc1"], hp["bc2"]
-        gp = g if self.decoupled else g + lam * w
+        gp = g if self.decoupled else axpy(g, lam, w)
         m1, s1 = st1["exp_avg"], st1["exp_avg_sq"]
         rs = torch.sqrt(s1)
         sb = _sqrt(bc2)
         den = rs / sb + eps
         q = m1 / den
         step = a / bc1
-        dden = dw * (step * q / den)                    # ∂w'/∂den = step·m'/den²
-        dm = dst["exp_avg"] - dw * (step / den)
+        dwq = dw * q
+        dden = dwq * step / den                          # ∂w'/∂den = step·m'/den²
+        dm = dst["exp_avg"] - dw * step / den
         dsq = torch.where(rs > 0, dden / (2.0 * rs * sb), torch.zeros_like(rs))   # √s' is not differentiable at 0
         ds = dst["exp_avg_sq"] + dsq
         dgp = (1.0 - b1) * dm + (2.0 * (1.0 - b2)) * (gp * ds)
-        dhp = {"lr": -dw * (q / bc1), "bc1": dw * (step * q / bc1), "eps": dden,
-               "bc2": dden * (-0.5 * rs / (sb * bc2)),
-               "beta1": dm * (st["exp_avg"] - gp), "beta2": ds * (st["exp_avg_sq"] - gp * gp)}
+        dhp = {"lr": (dwq, -1.0 / bc1), "bc1": (dwq, step / bc1), "eps": dden,
+               "bc2": (dden, rs, -0.5 / (sb * bc2)),
+               "beta1": (dm, st["exp_avg"] - gp), "beta2": (ds, st["exp_avg_sq"] - gp * gp)}
         if self.decoupled:
-            dhp["lr"] = dhp["lr"] - dw * (lam * w)
-            dhp["weight_decay"] = -dw * (a * w)
-            dw0 = dw * (1.0 - a * lam)
+            dhp["lr"] = dwq * (-1.0 / bc1) - dw * (lam * w)
+            dhp["weight_decay"] = (dw, -a * w)
+            dw0 = scale(1.0 - a * lam, dw)
         else:
-            dhp["weight_decay"] = dgp * w
-            dw0 = dw + lam * dgp
-        return dw0, {"exp_avg": b1 * dm, "exp_avg_sq": b2 * ds}, dgp, dhp
+            dhp["weight_decay"] = (dgp, w)
+            dw0 = axpy(dw, lam, dgp)
+        return dw0, {"exp_avg": scale(b1, dm), "exp_avg_sq": scale(b2, ds)}, dgp, dhp
 
 
 class AdamW(Adam):

@@ -75,33 +75,66 @@ class Schedules:
         return g
 
     def reduce(self, parts: dict, t: int, into: dict) -> None:
-        """Add each per-lane contribution's sum to ``into[name][t]``: over all lanes where ``into[name]`` is (T,)
-        (one stacked reduction per step for all of those), per group where it is (T, G) (one segmented
-        reduction)."""
-        grp, vecs, names = [], [], []
+        """Add each contribution's sum over lanes to ``into[name][t]`` — over all lanes where ``into[name]`` is (T,),
+        per group where it is (T, G). A contribution is a per-lane tensor, a scalar, or a tuple of factors (at most
+        two per-lane tensors, any numbers) standing for their per-lane product (summed as one dot product: no
+        temporary the size of the model)."""
+        grp = []
         for k, v in parts.items():
             if v is None:
                 continue
-            if into[k].dim() == 1:
-                if isinstance(v, torch.Tensor) and v.dim():
-                    vecs.append(v.expand(self._gid.shape))
-                    names.append(k)
-                else:
-                    into[k][t] += v
-            else:
+            if into[k].dim() == 2:
                 grp.append(k)
-        if vecs:
-            sums = torch.stack(vecs).sum(1)
-            for i, k in enumerate(names):
-                into[k][t] += sums[i]
+            elif isinstance(v, tuple):
+                into[k][t] += _dot(*v)   # noqa: typed as a tuple of factors
+            else:
+                into[k][t] += v.sum() if isinstance(v, torch.Tensor) and v.dim() else v
         if grp:
-            stacked = torch.stack([parts[k].expand(self._gid.shape) for k in grp], 1)      # (L, K)
-            sums = torch.segment_reduce(stacked, "sum", lengths=self._lengths, axis=0)     # (G, K)
+            vecs = [contribution(parts[k]).expand(self._gid.shape) for k in grp]
+            sums = torch.segment_reduce(torch.stack(vecs, 1), "sum", lengths=self._lengths, axis=0)   # (G, K)
             for i, k in enumerate(grp):
                 into[k][t] += sums[:, i]
 
     def zeros(self) -> dict:
         return {k: torch.zeros(v.shape, dtype=torch.float64, device=self.device) for k, v in self.host.items()}
+
+
+def _dot(*factors):
+    """Σ over lanes of the product of the factors: at most two tensors (one dot product), any numbers."""
+    c = 1.0
+    ts = []
+    for f in factors:
+        if isinstance(f, torch.Tensor) and f.dim():
+            ts.append(f)
+        else:
+            c = c * f
+    if len(ts) == 2:
+        return torch.dot(ts[0].reshape(-1), ts[1].reshape(-1)) * c
+    if len(ts) == 1:
+        return ts[0].sum() * c
+    raise ValueError("a contribution needs one or two per-lane tensors")
+
+
+def contribution(v):
+    """A per-lane contribution as one tensor (a tuple of factors multiplied out)."""
+    if isinstance(v, tuple):
+        out = v[0]
+        for f in v[1:]:
+            out = out * f
+        return out
+    return v
+
+
+def axpy(x: torch.Tensor, a, y: torch.Tensor) -> torch.Tensor:
+    """x + a·y in one op when a is a number (``torch.add(x, y, alpha=a)``); a per-lane a multiplies first."""
+    if isinstance(a, torch.Tensor):
+        return x + a * y
+    return x if a == 0 else torch.add(x, y, alpha=a)
+
+
+def scale(a, y: torch.Tensor) -> torch.Tensor:
+    """a·y (no op when a is the number 1)."""
+    return y if not isinstance(a, torch.Tensor) and a == 1 else a * y
 
 
 @dataclass
@@ -383,7 +416,8 @@ class ReversibleOptimizer:
 
     def adjoint(self, t: int, w, st: dict, g, w1, st1: dict, dw, dst: dict, hp: dict):
         """VJP of ``float_step`` at (w, st, g) with cotangents (dw, dst) of its outputs. Returns (dw, dst, dg, dhp)
-        where dhp maps hyper names (schedules or derived) to per-lane contributions (or None).
+        where dhp maps hyper names (schedules or derived) to per-lane contributions: a tensor, a tuple of factors
+        of the per-lane product (at most two tensors; summed as a dot product), or None.
 
         Default: autograd through ``float_step`` (correct for any optimiser; built-ins override it with closed
         forms, which are several times cheaper)."""

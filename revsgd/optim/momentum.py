@@ -7,7 +7,7 @@ import torch
 
 from .. import kernels
 from ..kernels import MomentumParams
-from .base import ExactState, Plan, ReversibleOptimizer, Schedules
+from .base import ExactState, Plan, ReversibleOptimizer, Schedules, axpy, contribution, scale
 
 _ZERO = np.zeros(1)
 
@@ -89,9 +89,9 @@ class HeavyBall(_MomentumKernel):
 
     def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
         gam, a = hp["momentum"], hp["lr"]
-        dv = dst["velocity"] + a * dw
-        dhp = {"lr": dw * st1["velocity"], "momentum": dv * (st["velocity"] + g)}
-        return dw, {"velocity": gam * dv}, -(1.0 - gam) * dv, dhp
+        dv = axpy(dst["velocity"], a, dw)
+        dhp = {"lr": (dw, st1["velocity"]), "momentum": (dv, st["velocity"] + g)}
+        return dw, {"velocity": scale(gam, dv)}, scale(-(1.0 - gam), dv), dhp
 
 
 class SGD(_MomentumKernel):
@@ -169,32 +169,35 @@ class SGD(_MomentumKernel):
 
     def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
         a, mu, tau, lam = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
-        gp = g + lam * w
+        gp = axpy(g, lam, w)
         b, b1 = st["momentum_buffer"], st1["momentum_buffer"]
         if self._plain:
-            dgp = -a * dw
-            dhp = {"lr": -dw * gp, "momentum": None, "dampening": None, "weight_decay": dgp * w}
-            return dw + lam * dgp, {"momentum_buffer": dst["momentum_buffer"]}, dgp, dhp
+            dgp = scale(-a, dw)
+            dhp = {"lr": (dw, gp, -1.0), "momentum": None, "dampening": None, "weight_decay": (dgp, w)}
+            return axpy(dw, lam, dgp), {"momentum_buffer": dst["momentum_buffer"]}, dgp, dhp
+        mom = []   # contributions to d/dμ, summed
         if self.nesterov:
-            db1 = dst["momentum_buffer"] - (a * mu) * dw
-            dgp = -a * dw
-            dhp = {"lr": -dw * (gp + mu * b1), "momentum": -a * dw * b1}
+            db1 = axpy(dst["momentum_buffer"], -(a * mu), dw)
+            dgp = scale(-a, dw)
+            dhp = {"lr": (dw, axpy(gp, mu, b1), -1.0)}
+            mom.append((dw, b1, -a))
         else:
-            db1 = dst["momentum_buffer"] - a * dw
-            dgp = 0.0
-            dhp = {"lr": -dw * b1, "momentum": None}
+            db1 = axpy(dst["momentum_buffer"], -a, dw)
+            dgp = None
+            dhp = {"lr": (dw, b1, -1.0)}
         if t == 0:
-            dgp = dgp + db1
+            dgp = db1 if dgp is None else dgp + db1
             db = torch.zeros_like(db1)
             dhp["dampening"] = None
         else:
-            dgp = dgp + (1.0 - tau) * db1
-            db = mu * db1
-            m = db1 * b
-            dhp["momentum"] = m if dhp["momentum"] is None else dhp["momentum"] + m
-            dhp["dampening"] = -db1 * gp
-        dhp["weight_decay"] = dgp * w
-        return dw + lam * dgp, {"momentum_buffer": db}, dgp, dhp
+            dgp = scale(1.0 - tau, db1) if dgp is None else axpy(dgp, 1.0 - tau, db1)
+            db = scale(mu, db1)
+            mom.append((db1, b))
+            dhp["dampening"] = (db1, gp, -1.0)
+        dhp["momentum"] = (None if not mom else mom[0] if len(mom) == 1 else
+                           contribution(mom[0]) + contribution(mom[1]))
+        dhp["weight_decay"] = (dgp, w)
+        return axpy(dw, lam, dgp), {"momentum_buffer": db}, dgp, dhp
 
 
 class Nesterov(SGD):
