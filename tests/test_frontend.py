@@ -177,8 +177,11 @@ def test_schedule_forms_are_the_same_run(form):
         kw = dict(lr=torch.full((T, G), 0.1, dtype=F64), momentum=torch.full((T, G), 0.9, dtype=F64))
     res = revsgd.hypergrad(train_loss, val_loss, params0(), optimizer="sgd", hypers=hypers(), **kw)
     for k in NAMES:
-        assert torch.equal(res.params[k], ref.params[k])
-        assert torch.equal(res.grads["params0"][k], ref.grads["params0"][k])
+        assert torch.equal(res.params[k], ref.params[k])          # the same (exact) training run
+        if form == "per_group":   # per-lane hypers take a differently fused float path in the adjoint
+            assert torch.allclose(res.grads["params0"][k], ref.grads["params0"][k], rtol=1e-12, atol=1e-15)
+        else:
+            assert torch.equal(res.grads["params0"][k], ref.grads["params0"][k])
     for k in ("lr", "momentum"):
         g = res.grads[k]
         assert isinstance(g, torch.Tensor) and g.dtype == F64
