@@ -2,6 +2,16 @@
 
 A :class:`Problem` holds functional losses in the form :func:`revsgd.hypergrad` takes. Minibatch t is a pure
 function of (seed, t): epoch e = t // batches_per_epoch uses the permutation drawn from ``default_rng([seed, e])``.
+
+The benchmark problems (:data:`PROBLEMS`, built by :func:`get_problem`):
+
+- ``digits``: :func:`digits_mlp`, a 64-100-10 tanh MLP (7,510 parameters) on the 8×8 digits, batch 64;
+- ``mlp1m``: :func:`mlp1m`, a 784-1024-256-10 tanh MLP (1,068,810 parameters) on the digits upsampled to 28×28,
+  batch 128;
+- ``cnn1m``: :func:`cnn1m`, a small CNN (two 3×3 stride-2 tanh convolutions 1→32→64, then 3136-300-10 tanh;
+  962,926 parameters) on the same 28×28 digits, batch 128.
+
+All are float32 with cross-entropy + exp(log_l2)·Σ‖W‖² (weights, not biases) and hyper ``log_l2 = -8``.
 """
 from __future__ import annotations
 
@@ -35,6 +45,18 @@ def load_digits(dtype: torch.dtype = torch.float32, n_train: int = 1200) -> Data
     x = torch.tensor(d.data / 16.0, dtype=dtype)
     y = torch.tensor(d.target, dtype=torch.long)
     return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "digits")
+
+
+def load_digits28(dtype: torch.dtype = torch.float32, n_train: int = 1200, *, flat: bool = True) -> Dataset:
+    """scikit-learn's digits upsampled to MNIST size: each 8×8 image (pixels / 16) bilinearly interpolated to
+    28×28 (``F.interpolate``, ``align_corners=False``; values stay in [0, 1]). Same split as :func:`load_digits`.
+    ``flat``: images as 784-vectors (for an MLP), else (N, 1, 28, 28) (for a CNN). Nothing is downloaded."""
+    d = load_digits(torch.float64, n_train)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        y = F.interpolate(x.view(-1, 1, 8, 8), size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+        return (y.reshape(-1, 784) if flat else y).to(dtype).contiguous()
+    return Dataset(up(d.x_train), d.y_train, up(d.x_val), d.y_val, "digits upsampled to 28x28")
 
 
 def mnist_path() -> str:
@@ -148,6 +170,77 @@ def digits_mlp(hidden: Sequence[int] = (100,), *, batch: int = 64, seed: int = 0
                dtype: torch.dtype = torch.float32, log_l2: float = -8.0) -> Problem:
     """The benchmark problem: a 64-100-10 MLP (7,510 parameters) on scikit-learn's digits, batch 64."""
     return mlp_problem(load_digits(dtype), hidden, batch=batch, seed=seed, log_l2=log_l2)
+
+
+def mlp1m(*, batch: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32, log_l2: float = -8.0) -> Problem:
+    """A 1M-parameter benchmark problem: the 784-1024-256-10 tanh MLP (1,068,810 parameters) on the digits
+    upsampled to 28×28 (:func:`load_digits28`; 1,200 train / 597 val), batch 128."""
+    return mlp_problem(load_digits28(dtype), (1024, 256), batch=batch, seed=seed, log_l2=log_l2)
+
+
+#: The CNN of :func:`cnn1m`: (name, shape) of each parameter, in order.
+CNN_LAYOUT = (("conv1.weight", (32, 1, 3, 3)), ("conv1.bias", (32,)), ("conv2.weight", (64, 32, 3, 3)),
+              ("conv2.bias", (64,)), ("fc1.weight", (300, 3136)), ("fc1.bias", (300,)), ("fc2.weight", (10, 300)),
+              ("fc2.bias", (10,)))
+
+
+def cnn_init(*, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Weights ~ N(0, 1/fan_in) (fan_in = in_channels·k·k or in_features), zero biases, from one seeded
+    generator (the global RNG is not touched)."""
+    g = torch.Generator().manual_seed(seed)
+    p = {}
+    for name, shape in CNN_LAYOUT:
+        if name.endswith("bias"):
+            p[name] = torch.zeros(shape, dtype=dtype)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            p[name] = (torch.randn(shape, generator=g, dtype=torch.float64) / np.sqrt(fan_in)).to(dtype)
+    return p
+
+
+def cnn_forward(p: dict, x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, 28, 28) -> logits (N, 10): conv 3×3 stride 2 pad 1 (1→32, 14×14), tanh, conv 3×3 stride 2 pad 1
+    (32→64, 7×7), tanh, flatten (3136), linear 300, tanh, linear 10. No BatchNorm, no dropout."""
+    x = torch.tanh(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], stride=2, padding=1))
+    x = torch.tanh(F.conv2d(x, p["conv2.weight"], p["conv2.bias"], stride=2, padding=1))
+    x = torch.tanh(F.linear(x.flatten(1), p["fc1.weight"], p["fc1.bias"]))
+    return F.linear(x, p["fc2.weight"], p["fc2.bias"])
+
+
+def cnn1m(*, batch: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32, log_l2: float = -8.0,
+          init_seed: int = 0) -> Problem:
+    """A 1M-parameter benchmark problem: the CNN of :func:`cnn_forward` (962,926 parameters) on the digits
+    upsampled to 28×28 images (:func:`load_digits28` with ``flat=False``), batch 128, cross-entropy +
+    exp(log_l2)·Σ‖W‖² over the weights (not the biases). hypers: ``log_l2``."""
+    data = load_digits28(dtype, flat=False)
+    batches = Batches(data.x_train.shape[0], batch, seed)
+    weights = [k for k, _ in CNN_LAYOUT if k.endswith("weight")]
+
+    def train_loss(p, h, t):
+        i = batches(t)
+        ce = F.cross_entropy(cnn_forward(p, data.x_train[i]), data.y_train[i])
+        reg = sum((p[k] ** 2).sum() for k in weights)
+        return ce + torch.exp(h["log_l2"]) * reg
+
+    def val_loss(p, h):
+        return F.cross_entropy(cnn_forward(p, data.x_val), data.y_val)
+
+    params0 = cnn_init(dtype=dtype, seed=init_seed)
+    hypers = {"log_l2": torch.tensor(log_l2, dtype=dtype)}
+    desc = (f"CNN conv3x3/2 1-32, conv3x3/2 32-64, 3136-300-10, tanh, on {data.name} ({data.x_train.shape[0]} "
+            f"train / {data.x_val.shape[0]} val), batch {batch}, cross-entropy + exp(log_l2)·Σ‖W‖², {dtype}")
+    return Problem(train_loss, val_loss, params0, hypers, data, desc, {"layout": CNN_LAYOUT, "batch": batch})
+
+
+#: Benchmark problems by name: builders taking keyword arguments (``batch``, ``seed``, ``dtype``, ``log_l2``).
+PROBLEMS: dict[str, Callable[..., Problem]] = {"digits": digits_mlp, "mlp1m": mlp1m, "cnn1m": cnn1m}
+
+
+def get_problem(name: str, **kwargs) -> Problem:
+    """The benchmark problem ``name`` (one of :data:`PROBLEMS`)."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; choose one of {sorted(PROBLEMS)}")
+    return PROBLEMS[name](**kwargs)
 
 
 def accuracy(p: dict, x: torch.Tensor, y: torch.Tensor) -> float:

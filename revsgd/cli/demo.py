@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ..frontend.inputs import DEFAULT_THREADS
 from ..meta import MetaSpec, MetaTrainer
 from ..meta.params import LogitSchedule, LogSchedule
 from ..problems import accuracy, load_digits, mlp_forward, mlp_problem
@@ -63,7 +64,7 @@ def run_demo(out_dir: str = ".", *, T: int = 1000, iterations: int = 60, knots: 
         lr_fin, mom_fin = lr_s(), mom_s()
     result = {
         "problem": base.description, "steps": T, "knots": knots, "meta_lr": meta_lr,
-        "parameter_groups": names, "seconds": seconds,
+        "parameter_groups": names, "seconds": seconds, **run_record(threads),
         "initial_val_loss": records[0]["val_loss"] if records else None,
         "final_val_loss": records[-1]["val_loss"] if records else None,
         "schedules": {"lr_initial": lr_init.tolist(), "momentum_initial": mom_init.tolist(),
@@ -77,6 +78,27 @@ def run_demo(out_dir: str = ".", *, T: int = 1000, iterations: int = 60, knots: 
         print(f"val loss {result['initial_val_loss']:.4f} -> {result['final_val_loss']:.4f} in {seconds:.1f} s; "
               f"wrote {os.path.join(out_dir, 'demo.json')} and {os.path.join(out_dir, 'demo.png')}")
     return result
+
+
+def run_record(threads: Optional[int]) -> dict:
+    """What the numbers were measured with: versions, the kernel backend, the thread count, the machine."""
+    import platform
+    import sys
+
+    import numpy as np
+
+    from .. import BACKENDS, __version__
+    return {
+        "versions": {"revsgd": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        # the exact method runs on the default backend: the first (fastest) of revsgd.BACKENDS
+        "kernel_backend": BACKENDS[0] if BACKENDS else None,
+        # hypergrad pins torch's intra-op thread count for each run: --threads, else revsgd's default (1)
+        "threads": threads if threads is not None else DEFAULT_THREADS,
+        "threads_requested": threads,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "argv": list(sys.argv),
+    }
 
 
 def _tqdm_write(msg: str) -> None:
