@@ -149,9 +149,15 @@ class TapeStorage:
             if getattr(self.xp, "host_memory", False):
                 release_free_memory()
 
+    #: stack positions [0, base) are not in ``words`` (a spilling storage keeps them on disk); offsets are relative
+    base = 0
+
+    def _bring_back(self, pos: int) -> None:
+        """Make stack positions [pos, num_words) addressable in ``words`` (in memory they always are)."""
+
     def plan(self, h: np.ndarray, push: bool) -> np.ndarray:
-        """Stack offset of each group's row for a push (or pop) of ``h`` bits per group (int64, G); -1 where the
-        group emits (pops) no row. A push reserves the room first. Rows of one operation lie in ascending group
+        """Offset in ``words`` of each group's row for a push (or pop) of ``h`` bits per group (int64, G); -1 where
+        the group emits (pops) no row. A push reserves the room first. Rows of one operation lie in ascending group
         order; a pop takes them from the top of the stack."""
         p = self.pending
         moves = (p + h >= WORD_BITS) if push else ((h > 0) & (p < h))
@@ -164,11 +170,15 @@ class TapeStorage:
         else:
             if n > self.num_words:
                 raise AssertionError("tape stack holds fewer words than the pops need")  # structural: see at_start
+            self._bring_back(self.num_words - n)
             start = self.num_words - n
-        return np.where(moves, start + np.cumsum(sizes) - sizes, -1)
+        return np.where(moves, start - self.base + np.cumsum(sizes) - sizes, -1)
 
     def commit(self, h: np.ndarray, push: bool) -> None:
         """Update the counters after every lane's push (pop) of ``h`` bits per group succeeded."""
+        if not h.any():                      # most steps shift nothing: only the depth changes
+            self.depth += 1 if push else -1
+            return
         p = self.pending
         if push:
             moves = p + h >= WORD_BITS
@@ -550,22 +560,8 @@ class SpillTapeStorage(TapeStorage):
             if getattr(self.xp, "host_memory", False):
                 release_free_memory()
 
-    def plan(self, h: np.ndarray, push: bool) -> np.ndarray:
-        """As :meth:`TapeStorage.plan`, with offsets relative to the memory window (loading words back first)."""
-        p = self.pending
-        moves = (p + h >= WORD_BITS) if push else ((h > 0) & (p < h))
-        sizes = np.where(moves, self.sizes, 0)
-        n = int(sizes.sum())
-        if push:
-            if n:
-                self.reserve(n)
-            start = self.num_words - self.base
-        else:
-            if n > self.num_words:
-                raise AssertionError("tape stack holds fewer words than the pops need")  # structural: see at_start
-            self._load(self.num_words - n)
-            start = self.num_words - n - self.base
-        return np.where(moves, start + np.cumsum(sizes) - sizes, -1)
+    def _bring_back(self, pos: int) -> None:
+        self._load(pos)
 
     def stack_words(self) -> np.ndarray:
         self._check_open()

@@ -14,12 +14,11 @@ except ImportError:
 else:
     available = True
 
-from ..core.tapeformat import HostArrays, TapeStorage
+from ..core.tapeformat import HostArrays
 from .vectorized import KernelError
 
 name = "cpp"
 arrays = HostArrays
-_BASE_COMMIT = TapeStorage.commit
 CHUNK = _cpp.CHUNK if available else 16384
 
 
@@ -28,14 +27,6 @@ def _plan(st, h, push: bool):
     return st.plan(h, push) if _cpp.any_shift(h) else None
 
 
-def _commit(st, h, push: bool, rows) -> None:
-    """TapeStorage.commit; for an all-zero shift (rows None) only the depth changes, so skip its NumPy work
-    (~7 µs) unless a storage class overrides commit."""
-    if rows is None and type(st).commit is _BASE_COMMIT:
-        st.depth += 1 if push else -1
-    else:
-        st.commit(h, push)
-
 
 def shift(st, X, h, forward) -> None:
     rows = _plan(st, h, forward)
@@ -43,7 +34,7 @@ def shift(st, X, h, forward) -> None:
         r = _cpp.shift(st, X, h, rows, forward)
         if r is not None:
             raise KernelError(*r)
-    _commit(st, h, forward, rows)
+    st.commit(h, forward)
 
 
 def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
@@ -53,7 +44,7 @@ def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
     if r is not None:
         raise KernelError(*r)
     if state:
-        _commit(st, h, forward, rows)
+        st.commit(h, forward)
 
 
 def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
@@ -67,10 +58,10 @@ def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
     if r is not None:
         raise KernelError(*r)
     if state:
-        _commit(stm, prm.h1, forward, rm)
-        _commit(sts, prm.h2, forward, rs)
+        stm.commit(prm.h1, forward)
+        sts.commit(prm.h2, forward)
     if position and stw is not None:
-        _commit(stw, prm.hw, forward, rw)
+        stw.commit(prm.hw, forward)
 
 
 def set_num_threads(k: int) -> None:

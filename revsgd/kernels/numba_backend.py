@@ -29,12 +29,11 @@ except ImportError:  # pragma: no cover - numba is a hard dependency, but the re
 else:
     available = True
 
-from ..core.tapeformat import HostArrays, TapeStorage
+from ..core.tapeformat import HostArrays
 from .vectorized import KernelError
 
 name = "numba"
 arrays = HostArrays
-_BASE_COMMIT = TapeStorage.commit
 CHUNK = 16384
 
 _TWO63 = 2.0**63
@@ -616,14 +615,6 @@ def _tape(st, h, push: bool):
     return (st.heads, st.words, _w(h), st.pending, rows, True), rows
 
 
-def _commit(st, h, push: bool, rows) -> None:
-    """TapeStorage.commit; for an all-zero shift (rows None) only the depth changes, so skip its NumPy work
-    (~7 µs) unless a storage class overrides commit."""
-    if rows is None and type(st).commit is _BASE_COMMIT:
-        st.depth += 1 if push else -1
-    else:
-        st.commit(h, push)
-
 
 def _floats(a, what: str, used: bool):
     """(float32 array, float64 array): ``a`` in the slot of its dtype, the other empty (one compiled variant)."""
@@ -642,7 +633,7 @@ def shift(st, X, h, forward) -> None:
         e, lane = _shift(X, st.offsets, tape, forward)
         if e:
             raise KernelError(int(e), int(lane))
-    _commit(st, h, forward, rows)
+    st.commit(h, forward)
 
 
 def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
@@ -655,7 +646,7 @@ def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
     if e:
         raise KernelError(int(e), int(lane))
     if state:
-        _commit(st, h, forward, rows)
+        st.commit(h, forward)
 
 
 def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
@@ -677,10 +668,10 @@ def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
     if e:
         raise KernelError(int(e), int(lane))
     if state:
-        _commit(stm, prm.h1, forward, rm)
-        _commit(sts, prm.h2, forward, rs)
+        stm.commit(prm.h1, forward)
+        sts.commit(prm.h2, forward)
     if position and stw is not None:
-        _commit(stw, prm.hw, forward, rw)
+        stw.commit(prm.hw, forward)
 
 
 def set_num_threads(k: int) -> None:

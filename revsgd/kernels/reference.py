@@ -8,15 +8,4 @@ name = "numpy"
 available = True
 arrays = HostArrays
 ops = _v.NumpyOps
-
-
-def shift(st, X, h, forward) -> None:
-    _v.shift(ops, st, X, h, forward)
-
-
-def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
-    _v.momentum(ops, st, V, W, G, P, prm, forward, state, position)
-
-
-def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
-    _v.adam(ops, tapes, M, S, W, G, P, prm, forward, state, position)
+shift, momentum, adam = _v.backend(ops)

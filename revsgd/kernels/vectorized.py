@@ -427,3 +427,16 @@ def adam(ops, tapes: tuple, M, S, W, G, P, prm: AdamParams, forward: bool, state
         ops.assign(W, W1)
         if P is not None:
             ops.store_float(P, ops.f64(W1) * lp(prm.ps))
+
+
+def backend(ops) -> tuple:
+    """The ``shift``, ``momentum`` and ``adam`` functions of a backend module for an array-ops class."""
+    def shift_(st, X, h, forward) -> None:
+        shift(ops, st, X, h, forward)
+
+    def momentum_(st, V, W, G, P, prm, forward, state, position) -> None:
+        momentum(ops, st, V, W, G, P, prm, forward, state, position)
+
+    def adam_(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
+        adam(ops, tapes, M, S, W, G, P, prm, forward, state, position)
+    return shift_, momentum_, adam_
