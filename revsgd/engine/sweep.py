@@ -171,6 +171,7 @@ class Unroll:
         if prov.lo > 0:   # truncated: nothing flows past step lo
             dw = torch.zeros_like(dw)
             dst = {k: torch.zeros_like(v) for k, v in dst.items()}
+            dR = None if dR is None else torch.zeros_like(dR)
         prov.finish()
         if dder:
             grads = self._through_derived(grads, dder)

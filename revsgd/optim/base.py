@@ -86,7 +86,7 @@ class Schedules:
             if into[k].dim() == 2:
                 grp.append(k)
             elif isinstance(v, tuple):
-                into[k][t] += _dot(*v)   # noqa: typed as a tuple of factors
+                into[k][t] += _dot(*v)
             else:
                 into[k][t] += v.sum() if isinstance(v, torch.Tensor) and v.dim() else v
         if grp:
