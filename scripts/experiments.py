@@ -203,7 +203,7 @@ def _naive_growth_mb(T: int, batch: int = 50) -> float:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     base = _rss_mb("VmRSS")
-    revsgd.hypergrad(spec.train_loss, spec.val_loss, spec.params0, lr=spec.lr, momentum=spec.momentum,
+    revsgd.hypergrad(spec.train_loss, spec.val_loss, spec.params0, optimizer=spec.optimizer, **spec.schedules,
                      method="naive", threads=THREADS)
     return _rss_mb("VmHWM") - base
 
@@ -340,7 +340,8 @@ def bias(Ts=(100, 300, 1000, 3000, 10000), lr: float = 0.2, momentum: float = 0.
         lrs, moms = torch.full((T,), lr), torch.full((T,), momentum)
         runs = {}
         for m, opts in (("exact", {}), ("drmad", {}), ("truncated", {"truncate": max(1, T // 10)})):
-            r = revsgd.hypergrad(pb.train_loss, pb.val_loss, pb.params0, lr=lrs, momentum=moms, hypers=pb.hypers,
+            r = revsgd.hypergrad(pb.train_loss, pb.val_loss, pb.params0, optimizer="heavyball", lr=lrs, momentum=moms,
+                                 hypers=pb.hypers,
                                  method=m, threads=THREADS, **opts)
             runs[m] = r
         ex = runs["exact"]
