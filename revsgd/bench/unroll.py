@@ -100,6 +100,7 @@ import threading
 import time
 from typing import Optional
 
+from .._argtypes import positive_int as _pos_int
 from .timing import MB, CpuMeter, machine, maxrss_mb, proc_status, versions, wait_for_quiet
 
 CORE_METHODS = ("exact", "naive", "trajectory", "checkpoint", "replay", "drmad", "truncated")
@@ -810,16 +811,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="live line for the running child on stderr (default: on when stderr is a terminal)")
     return ap
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def plan_cells(problems, steps, methods, exact_extra, quick, optimizer: str = "heavyball") -> list:
