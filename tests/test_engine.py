@@ -34,7 +34,7 @@ from revsgd.engine import REVERSAL_HINT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # tests/ (pytest runs with importlib mode)
 from helpers import (F64, NAMES, XV, YV, CountingLoss, assert_grads_close, batch, grad_items, hypers,  # noqa: E402
-                     mlp_problem, params0, rel, run, schedules, train_loss, val_loss)
+                     params0, rel, run, schedules, train_loss, val_loss)
 
 
 # --- methods agree ---------------------------------------------------------------------------------------------

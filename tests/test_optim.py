@@ -29,7 +29,7 @@ from revsgd.optim import ExactState, ReversibleOptimizer, Schedules, get_optimiz
 from revsgd.frontend.inputs import as_params
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # tests/ (pytest runs with importlib mode)
-from helpers import (F64, NAMES, RANGES, CountingLoss, assert_grads_close, float_unroll, grad_items, hypers,
+from helpers import (F64, NAMES, RANGES, CountingLoss, assert_grads_close, float_unroll, hypers,
                      mlp_problem, optimizer_name, params0, rel, run, schedules, train_loss, val_loss)
 
 EXACT_KINDS = ["heavyball", "sgd", "adam", "adamw"]

@@ -133,24 +133,27 @@ class TapeStorage:
         return int(self.sizes.shape[0])
 
     # --- the stack -----------------------------------------------------------------------------------------
+    #: stack positions [0, base) are not in ``words`` (a spilling storage keeps them on disk); offsets are relative
+    base = 0
+
     def reserve(self, extra: int) -> None:
-        """Room for ``extra`` more words (growth by the arrays' ``growth`` fraction at a time, at least MIN_WORDS)."""
-        need = self.num_words + extra
+        """Room in ``words`` for ``extra`` more words (growth by the arrays' ``growth`` fraction at a time, at least
+        MIN_WORDS)."""
+        need = self.num_words - self.base + extra
         cap = int(self.words.shape[0])
         if need > cap:
-            self.words = self.xp.grow(self.words, max(need + int(need * self.xp.growth), cap + MIN_WORDS))
+            growth = getattr(self.xp, "growth", 1 / 32)
+            self.words = self.xp.grow(self.words, max(need + int(need * growth), cap + MIN_WORDS))
 
     def trim(self) -> None:
-        """Give back stack memory once the stack shrank below ~94 % of its allocation."""
+        """Give back memory of ``words`` once what it holds shrank below ~94 % of its allocation."""
+        fill = self.num_words - self.base
         cap = int(self.words.shape[0])
-        target = 0 if self.num_words == 0 else self.num_words + max(MIN_WORDS, self.num_words >> 5)
+        target = 0 if fill == 0 else fill + max(MIN_WORDS, fill >> 5)
         if cap - target > max(MIN_WORDS, cap >> 4):
             self.words = self.xp.grow(self.words, target)
             if getattr(self.xp, "host_memory", False):
                 release_free_memory()
-
-    #: stack positions [0, base) are not in ``words`` (a spilling storage keeps them on disk); offsets are relative
-    base = 0
 
     def _bring_back(self, pos: int) -> None:
         """Make stack positions [pos, num_words) addressable in ``words`` (in memory they always are)."""
@@ -207,7 +210,8 @@ class TapeStorage:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for heads, the word stack and the group table."""
+        """Bytes allocated in memory for heads, the word stack (a spilling storage: its memory window; see
+        ``spilled_bytes``) and the group table."""
         return int(2 * self.num_lanes + 2 * self.words.shape[0] + 8 * (4 * self.num_groups + 1))
 
     def stack_words(self) -> np.ndarray:
@@ -544,21 +548,7 @@ class SpillTapeStorage(TapeStorage):
         if fill + extra > 2 * B and fill >= B:
             self._check_open()
             self._spill((fill // B) * B)
-            fill = self.num_words - self.base
-        need = fill + extra
-        cap = int(self.words.shape[0])
-        if need > cap:
-            growth = getattr(self.xp, "growth", 1 / 32)
-            self.words = self.xp.grow(self.words, max(need + int(need * growth), cap + MIN_WORDS))
-
-    def trim(self) -> None:
-        fill = self.num_words - self.base
-        cap = int(self.words.shape[0])
-        target = 0 if fill == 0 else fill + max(MIN_WORDS, fill >> 5)
-        if cap - target > max(MIN_WORDS, cap >> 4):
-            self.words = self.xp.grow(self.words, target)
-            if getattr(self.xp, "host_memory", False):
-                release_free_memory()
+        super().reserve(extra)
 
     def _bring_back(self, pos: int) -> None:
         self._load(pos)
@@ -572,11 +562,6 @@ class SpillTapeStorage(TapeStorage):
             self._file.read(out[i:i + n], 2 * i)
         out[self.base:] = self.xp.to_numpy_u16(self.words, self.num_words - self.base)
         return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated in memory (heads, the stack's memory window, the group table); see :attr:`spilled_bytes`."""
-        return super().nbytes
 
 
 def tape_storage(num_lanes: int, offsets: Optional[Sequence[int]] = None, arrays: Any = HostArrays, *,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from ..kernels import TapeExhaustedError

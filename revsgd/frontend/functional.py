@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from ..engine import ENGINE_METHODS, METHODS, Unroll
@@ -135,8 +134,9 @@ def hypergrad(train_loss: TrainLoss, val_loss: ValLoss, params0, *, optimizer: U
             ``"replay"``, ``"drmad"`` or ``"truncated"`` (see README).
         threads: torch threads pinned for the run (default 1; float sums depend on the count).
         seed: seed of the per-step RNG (None: leave torch's RNG alone; the loss must then be deterministic).
-        options: exact: ``frac_bits`` (int or dict per state), ``backend``; checkpoint: ``checkpoint_every``;
-            replay: ``replay_k``; truncated: ``truncate``.
+        options: exact: ``frac_bits`` (int or dict per state), ``backend``, ``tape_dir`` (the tapes' word stacks
+            spill to files there) and ``spill_block_bytes``; checkpoint: ``checkpoint_every``; replay: ``replay_k``;
+            truncated: ``truncate``.
 
     Returns:
         :class:`HypergradResult` (``val_loss``, final ``params``, ``grads`` — schedules, "params0", hypers — ``stats``).

@@ -606,14 +606,12 @@ def _w(a):
 
 
 def _tape(st, h, push: bool):
-    """(kernel tape tuple, rows or None): plans the tape unless no group shifts (then no tape work at all)."""
+    """The kernel's tape tuple; plans the tape unless no group shifts (then ``_OFF``: no tape work at all)."""
     if st is None or not _any_shift(h):
-        return _OFF, None
+        return _OFF
     if h.dtype != _I64:
         raise TypeError(f"shifts must be int64, got {h.dtype} (no silent conversion)")
-    rows = st.plan(h, push)
-    return (st.heads, st.words, _w(h), st.pending, rows, True), rows
-
+    return st.heads, st.words, _w(h), st.pending, st.plan(h, push), True
 
 
 def _floats(a, what: str, used: bool):
@@ -628,8 +626,8 @@ def _floats(a, what: str, used: bool):
 
 
 def shift(st, X, h, forward) -> None:
-    tape, rows = _tape(st, h, forward)
-    if rows is not None:
+    tape = _tape(st, h, forward)
+    if tape is not _OFF:
         e, lane = _shift(X, st.offsets, tape, forward)
         if e:
             raise KernelError(int(e), int(lane))
@@ -638,7 +636,7 @@ def shift(st, X, h, forward) -> None:
 
 def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
     h = prm.h
-    tape, rows = _tape(st, h, forward) if state else (_OFF, None)
+    tape = _tape(st, h, forward) if state else _OFF
     G32, G64 = _floats(G, "G", state)
     P32, P64 = _floats(P, "P", position)
     e, lane = _momentum(V, W, G32, G64, P32, P64, st.offsets, _w(prm.cv), _w(prm.cp), _w(prm.lam), prm.frac_v,
@@ -651,13 +649,8 @@ def momentum(st, V, W, G, P, prm, forward, state, position) -> None:
 
 def adam(tapes, M, S, W, G, P, prm, forward, state, position) -> None:
     stm, sts, stw = tapes
-    if state:
-        tm, rm = _tape(stm, prm.h1, forward)
-        ts, rs = _tape(sts, prm.h2, forward)
-    else:
-        tm = ts = _OFF
-        rm = rs = None
-    tw, rw = _tape(stw, prm.hw, forward) if position else (_OFF, None)
+    tm, ts = (_tape(stm, prm.h1, forward), _tape(sts, prm.h2, forward)) if state else (_OFF, _OFF)
+    tw = _tape(stw, prm.hw, forward) if position else _OFF
     G32, G64 = _floats(G, "G", state)
     P32, P64 = _floats(P, "P", position)
     Sh, Sl = S

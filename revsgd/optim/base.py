@@ -17,16 +17,15 @@ every backend), nothing else.
 from __future__ import annotations
 
 import contextlib
-import threading
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from .. import kernels
-from ..core.fixed import (DEFAULT_FRAC_BITS, LIMB, MAX_FRAC_BITS, MAX_FRAC_BITS_2, MIN_FRAC_BITS, check_factors,
-                          check_frac_bits, decay_scales, fixed_range)
+from ..core.fixed import (DEFAULT_FRAC_BITS, LIMB, MAX_FRAC_BITS, MAX_FRAC_BITS_2, MIN_FRAC_BITS, NonFiniteError,
+                          check_factors, check_frac_bits, decay_scales, fixed_range, to_fixed)
 from ..core.tapeformat import tape_storage
 
 _TWO63 = 2.0**63
@@ -146,10 +145,9 @@ class Decay:
     @classmethod
     def of(cls, factors: np.ndarray, G: int, name: str) -> "Decay":
         f = check_factors(factors, name)
-        if f.ndim == 1:
-            e, h = decay_scales(f)
-            return cls(np.repeat(e[:, None], G, 1), np.repeat(h[:, None], G, 1))
         e, h = decay_scales(f)
+        if f.ndim == 1:
+            return cls(np.repeat(e[:, None], G, 1), np.repeat(h[:, None], G, 1))
         return cls(e, h)
 
     @classmethod
@@ -282,7 +280,7 @@ class ExactState:
         u = u[self.lo:self.hi]
         y = u.to(torch.float64) * 2.0 ** self.frac[name]
         if not bool(torch.isfinite(u).all()):
-            raise _nonfinite(name)
+            raise NonFiniteError(f"the update of {name} holds NaN or inf; nothing was changed")
         if not bool(((y >= -_TWO63) & (y < _TWO63)).all()):
             raise OverflowError(f"the update of {name} leaves the fixed-point range {fixed_range(self.frac[name])}; "
                                 f"nothing was changed")
@@ -318,11 +316,6 @@ class ExactState:
         return self.W.to(torch.float64) * (2.0 ** -self.frac["params"] * scale)
 
 
-def _nonfinite(name):
-    from ..core.fixed import NonFiniteError
-    return NonFiniteError(f"the update of {name} holds NaN or inf; nothing was changed")
-
-
 def _to_fixed2_t(x: torch.Tensor, frac: int, name: str) -> tuple:
     """fix of a non-negative float vector as two limbs (hi, lo): hi·2^62 + lo = rint(x·2^F)."""
     y = x.detach().to(torch.float64) * 2.0 ** frac
@@ -333,7 +326,6 @@ def _to_fixed2_t(x: torch.Tensor, frac: int, name: str) -> tuple:
 
 
 def _to_fixed_t(x: torch.Tensor, frac: int, name: str) -> torch.Tensor:
-    from ..core.fixed import to_fixed
     return torch.from_numpy(to_fixed(x.detach().to(torch.float64).cpu().numpy(), frac, name=name)).to(x.device)
 
 
