@@ -37,37 +37,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 
-from revsgd.bench.timing import BusyLoad, CpuMeter, machine, versions, wait_for_quiet
+from revsgd.bench.timing import (BusyLoad, CpuMeter, cpu_seconds_children, cpu_seconds_self, machine, versions,
+                                 wait_for_quiet)
 from revsgd.bench.unroll import run_child
 
 SETTINGS = {"quiet_threads1": (1, False), "quiet_default": (None, False), "load_default": (None, True),
             "load_threads2": (2, True)}
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def _self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def measure(name: str, T: int, tmpdir: str, rep: int, load: BusyLoad | None, timeout: float) -> dict:
     threads, _ = SETTINGS[name]
     meter = CpuMeter()
-    c0, s0, l0, t0 = _children_cpu(), _self_cpu(), load.cpu_seconds() if load else 0.0, time.perf_counter()
+    c0, s0, l0, t0 = cpu_seconds_children(), cpu_seconds_self(), load.cpu_seconds() if load else 0.0, time.perf_counter()
     r = run_child("exact", T, tmpdir, timeout, 12.0, rep=rep, problem="digits", threads=threads)
     wall = time.perf_counter() - t0
     busy = meter.busy_cores()
-    child_cpu = _children_cpu() - c0          # the measured child has been waited for: counted here
+    child_cpu = cpu_seconds_children() - c0          # the measured child has been waited for: counted here
     rec = {"setting": name, "repeat": rep, "threads_passed": threads, "status": r.get("status"),
            "seconds": r.get("seconds"), "seconds_forward": r.get("seconds_forward"),
            "seconds_reverse": r.get("seconds_reverse"), "child_wall_s": wall,
@@ -79,7 +69,7 @@ def measure(name: str, T: int, tmpdir: str, rep: int, load: BusyLoad | None, tim
         rec["load_cpu_s"] = load.cpu_seconds() - l0
         rec["load_cores"] = rec["load_cpu_s"] / wall
     if busy is not None:
-        other = busy * wall - child_cpu - (_self_cpu() - s0) - rec.get("load_cpu_s", 0.0)
+        other = busy * wall - child_cpu - (cpu_seconds_self() - s0) - rec.get("load_cpu_s", 0.0)
         rec["other_processes_cores"] = max(0.0, other / wall)
     if r.get("status") != "ok":
         rec["error"] = str(r.get("error", ""))[-1000:]

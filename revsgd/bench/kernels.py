@@ -171,50 +171,24 @@ def same(a, b) -> bool:
     return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
 
-class TorchMomentum:
-    """``ExactMomentum``'s step / unstep_position / unstep_velocity on torch int64 tensors (CPU).
+class TorchMomentum(revsgd.ExactMomentum):
+    """``ExactMomentum`` on torch int64 tensors (CPU, one group) for the torch backend's rows.
 
-    ``ExactMomentum`` refuses the torch backend (it is NumPy-only; revsgd.hypergrad uses torch through the engine),
-    so for that backend the benchmark makes the same call ``ExactMomentum`` makes — ``revsgd.kernels.momentum`` with
-    the same :class:`~revsgd.kernels.MomentumParams` (one group) — on torch tensors. Same interface as the parts of
-    ``ExactMomentum`` the benchmark uses."""
+    ``ExactMomentum`` refuses the torch backend (its public API is NumPy; revsgd.hypergrad uses torch through the
+    engine). This subclass only swaps the storage: the same steps make the same ``revsgd.kernels.momentum`` calls
+    with the same parameters, on tensors."""
 
     def __init__(self, w0: np.ndarray, frac_bits: int = FRAC_BITS):
         import torch
-        from revsgd import kernels
         from revsgd.core.tapeformat import TapeStorage
-        self._k = kernels
-        self._be = kernels.get_backend("torch")
-        self.frac_bits = frac_bits
-        self._tape = TapeStorage(int(w0.shape[0]), None, self._be.arrays)
-        self._W = torch.from_numpy(revsgd.to_fixed(w0, frac_bits))
-        self._V = torch.zeros_like(self._W)
-        self._e = 1.0
-        self._hist: list = []
+        super().__init__(w0, frac_bits=frac_bits)
+        self._be = revsgd.kernels.get_backend("torch")
+        self._tape = TapeStorage(self.num_lanes, self._offsets, self._be.arrays)
+        self._W = torch.from_numpy(self._W)
+        self._V = torch.from_numpy(self._V)
 
-    def _run(self, h: int, cv: float, cp: float, g, forward: bool, state: bool, position: bool) -> None:
-        prm = self._k.MomentumParams(np.array([h], dtype=np.int64), np.array([cv]), np.array([cp]), np.zeros(1),
-                                     self.frac_bits, self.frac_bits)
-        self._k.momentum(self._be, self._tape, self._V, self._W, g, None, prm, forward=forward, state=state,
-                         position=position)
-
-    def step(self, grad, lr: float, momentum: float) -> None:
-        y = self._e * momentum
-        m, ex = math.frexp(y)
-        h = 1 - ex if m == 0.5 else -ex
-        e1 = math.ldexp(y, h)
-        self._run(h, -(1.0 - momentum) / e1, lr * e1, grad, True, True, True)
-        self._hist.append((self._e, momentum, h))
-        self._e = e1
-
-    def unstep_position(self, lr: float) -> None:
-        self._run(0, 0.0, lr * self._e, None, False, False, True)
-
-    def unstep_velocity(self, grad, momentum: float) -> None:
-        e0, gam, h = self._hist[-1]
-        self._run(h, -(1.0 - gam) / self._e, 0.0, grad, False, True, False)
-        self._hist.pop()
-        self._e = e0
+    def _grad(self, grad):
+        return grad
 
     @property
     def fixed_params(self):
@@ -223,17 +197,6 @@ class TorchMomentum:
     @property
     def fixed_velocity(self):
         return self._V.clone()
-
-    @property
-    def info_bits(self) -> int:
-        return self._tape.info_bits
-
-    @property
-    def tape_bytes(self) -> int:
-        return self._tape.nbytes
-
-    def at_start(self) -> bool:
-        return not self._hist and self._tape.at_start()
 
 
 def make_optimizer(be: str, w0: np.ndarray):

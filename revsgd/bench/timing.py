@@ -270,6 +270,18 @@ _LOAD_CODE = {
 }
 
 
+def cpu_seconds_children() -> float:
+    """utime + stime of this process's waited-for children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_seconds_self() -> float:
+    """utime + stime of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def process_cpu_seconds(pid: int) -> Optional[float]:
     """utime + stime of a live process (Linux /proc), None if unreadable."""
     try:

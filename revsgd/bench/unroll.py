@@ -101,7 +101,8 @@ import time
 from typing import Optional
 
 from .._argtypes import positive_int as _pos_int
-from .timing import MB, CpuMeter, machine, maxrss_mb, proc_status, versions, wait_for_quiet
+from .timing import (MB, CpuMeter, cpu_seconds_children, cpu_seconds_self, machine, maxrss_mb, proc_status, versions,
+                     wait_for_quiet)
 
 CORE_METHODS = ("exact", "naive", "trajectory", "checkpoint", "replay", "drmad", "truncated")
 PEER_METHODS = ("torchopt", "higher")
@@ -398,16 +399,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _cpu_children() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def _cpu_self() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def run_child(method: str, T: int, tmpdir: str, timeout: float, mem_limit_gb: float, rep: int = 0, *,
               problem: str = "digits", threads: Optional[int] = 1, label: str = "",
               progress: Optional[_Progress] = None, optimizer: str = "heavyball") -> dict:
@@ -418,7 +409,7 @@ def run_child(method: str, T: int, tmpdir: str, timeout: float, mem_limit_gb: fl
            "result": os.path.join(tmpdir, tag + ".json"), "grads": os.path.join(tmpdir, tag + ".npz"),
            "mem_limit_bytes": int(mem_limit_gb * 2 ** 30)}
     limit = mem_limit_gb * 2 ** 30
-    meter, c0, s0 = CpuMeter(), _cpu_children(), _cpu_self()
+    meter, c0, s0 = CpuMeter(), cpu_seconds_children(), cpu_seconds_self()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "revsgd.bench.unroll", "--child", json.dumps(cfg)],
                             env=child_env(threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -454,8 +445,8 @@ def run_child(method: str, T: int, tmpdir: str, timeout: float, mem_limit_gb: fl
         progress.clear()
     wall = time.perf_counter() - t0
     busy = meter.busy_cores()
-    child_cpu = _cpu_children() - c0
-    other = None if busy is None else max(0.0, (busy * wall - child_cpu - (_cpu_self() - s0)) / wall)
+    child_cpu = cpu_seconds_children() - c0
+    other = None if busy is None else max(0.0, (busy * wall - child_cpu - (cpu_seconds_self() - s0)) / wall)
     res: dict = {"problem": problem, "optimizer": optimizer, "method": method, "T": T}
     if os.path.exists(cfg["result"]) and not killed:
         with open(cfg["result"]) as f:
