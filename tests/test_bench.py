@@ -11,6 +11,7 @@ import torch
 import revsgd
 from revsgd.bench import kernels as bk
 from revsgd.bench import unroll as bu
+from revsgd.bench import peers as bench_peers
 from revsgd.bench.peers import ParamHolder, peer_missing, peer_unsupported, run_higher, run_torchopt, \
     torch_sgd_schedule
 from revsgd.bench.timing import BusyLoad, CpuMeter, ContentionPolicy, RepeatPolicy, kernel_threads_info, \
@@ -179,6 +180,7 @@ def test_adamw_skips_what_does_not_support_it(tmp_path, monkeypatch, capsys):
         return dict(_cell(kw["problem"], method, T, 0.1, 10.0), optimizer=kw["optimizer"])
     monkeypatch.setattr(bu, "run_child", fake_run_child)
     monkeypatch.setattr(bu, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(bench_peers, "peer_missing", lambda name: None)   # installed or not: AdamW decides
     out = tmp_path / "b.json"
     assert bu.main(["--problem", "digits", "--optimizer", "adamw", "--steps", "10", "--methods", "exact", "higher",
                     "drmad", "replay", "--exact-extra", "--out", str(out), "--png", str(tmp_path / "b.png"),
