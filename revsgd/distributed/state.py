@@ -93,12 +93,12 @@ class DistributedExactState(ExactState):
                 self.W[lo:hi].copy_(out[2 * m * r:2 * m * r + hi - lo])
                 self._P_bits[lo:hi].copy_(out[2 * m * r + m:2 * m * r + m + hi - lo])
 
-    def float_params(self, scale=1.0) -> torch.Tensor:
+    def float_params(self, scale=1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         # exact_floats starts here after the reverse pass's state undo (a local kernel); the state gathers that follow
         # check for failures — an optimiser without states has none, so check here (see revsgd.distributed.comm)
         if self.comm is not None and self.comm.world > 1 and not self.X:
             self.comm.check()
-        return super().float_params(scale)
+        return super().float_params(scale, out)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """A float vector over this rank's lanes → over all lanes, from every rank's part."""

@@ -77,14 +77,15 @@ class Exact(Provider):
                                else opt.exact_init(w0, prob.P.detach(), plan, backend, state0, **(storage or {})))
         self.stats = {"backend": self.ex.be.name, "frac_bits": dict(opt.frac)}
         self._fp: Optional[torch.Tensor] = None
+        self._bufs: Optional[list] = None
         self.exb = None if prob.buffers is None else prob.buffers.exact(backend)
 
     def _fingerprint(self, g) -> torch.Tensor:
         fp = self.prob.fingerprint(g)
         return fp if self.exb is None else fp + 3 * self.prob.fingerprint(self.prob.aux)
 
-    def _floats(self, t: int) -> State:
-        w, st = self.opt.exact_floats(self.ex, t, self.plan)
+    def _floats(self, t: int, out: Optional[tuple] = None) -> State:
+        w, st = self.opt.exact_floats(self.ex, t, self.plan, out)
         if self.exb is not None:
             st[KEY] = self.exb.value(t)
         return w, st
@@ -147,7 +148,16 @@ class Exact(Provider):
         self._undo(t, self.opt.exact_undo_state, self.ex, g, t, self.plan)
         if self.exb is not None:
             self._undo(t, self.exb.undo, self.prob.aux, t)
-        return self._floats(t)
+        return self._floats(t, self._buffers(t))
+
+    def _buffers(self, t: int) -> tuple:
+        """Float64 buffers for step t's (w, states): two sets, alternating by step, since the reverse sweep holds
+        one step's values (post) while it reads the next (pre); nothing keeps them longer."""
+        if self._bufs is None:
+            L = self.ex.W.shape[0]
+            mk = lambda: torch.empty(L, dtype=torch.float64, device=self.ex.device)  # noqa: E731
+            self._bufs = [(mk(), {k: mk() for k in self.opt.state_names}) for _ in range(2)]
+        return self._bufs[t % 2]
 
     def finish(self) -> None:
         ok, bad = self.ex.at_start()

@@ -57,9 +57,13 @@ class Problem:
         return []
 
     def fingerprint(self, g: torch.Tensor) -> torch.Tensor:
-        """A 0-d int64 hash of g's bits: the wrapping integer sum of their bit patterns (one reduction; any change
-        of a single element changes it; deterministic on every device)."""
-        bits = g.detach().reshape(-1).view(torch.int64 if g.dtype == torch.float64 else torch.int32)
+        """A 0-d int64 hash of g's bits: the wrapping integer sum of their bit patterns taken as int64 words (one
+        reduction, no conversion; any change of a single element changes it; deterministic on every device)."""
+        flat = g.detach().reshape(-1)
+        if flat.dtype != torch.float64 and (flat.numel() * flat.element_size()) % 8 == 0:
+            bits = flat.view(torch.int64)             # pairs of float32 (or four float16) words
+        else:
+            bits = flat.view(torch.int64 if flat.dtype == torch.float64 else torch.int32)
         return torch.sum(bits, dtype=torch.int64)
 
 

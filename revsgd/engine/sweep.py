@@ -146,12 +146,14 @@ class Unroll:
         grads = sch.zeros()
         dder = {k: torch.zeros(v.shape, dtype=torch.float64, device=dev) for k, v in self.plan.derived.items()}
         post = self.sT
+        gbuf = torch.empty_like(dw)          # step t's gradient in float64 (read within the step only)
         try:
             for t in range(self.T - 1, prov.lo - 1, -1):
                 prov.before(t)
                 g, vjp = prob.grad_vjp(t)
                 pre = prov.after(t, g)
-                g64 = g.detach().to(torch.float64)
+                g64 = gbuf.copy_(g.detach())
+                dw_in = dw
                 dw, dst, dg, dhp = opt.adjoint(t, pre[0], pre[1], g64, post[0], post[1], dw, dst, self.hypers_at(t))
                 self._accumulate(dhp, t, grads, dder)
                 if buf is None:
@@ -159,7 +161,7 @@ class Unroll:
                 else:
                     dR, du = buf.adjoint(dR)
                     hu, th = vjp(dg, du)
-                dw = dw + hu
+                dw = dw.add_(hu) if dw is dw_in else dw + hu     # the sweep owns dw_in; a new dw may alias
                 for i, x in enumerate(th):
                     if x is not None:
                         dth[i] = x.to(torch.float64) if dth[i] is None else dth[i] + x

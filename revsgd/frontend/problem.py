@@ -49,6 +49,7 @@ class TorchProblem(Problem):
         self.views = {k: v.requires_grad_() for k, v in params.views(self.P).items()}
         self._lv = list(self.views.values())
         self._G = torch.zeros_like(self.P)
+        self._hu: Optional[torch.Tensor] = None
         for leaf, gv in zip(self._lv, params.views(self._G).values()):
             leaf.grad = gv
         self.hypers = {k: v.detach() for k, v in hypers.items()}
@@ -82,6 +83,16 @@ class TorchProblem(Problem):
         self.aux = None if u is None else u.detach()
         return self._G
 
+    def _hu_of(self, gs) -> torch.Tensor:
+        """The per-leaf products as one float64 vector, written into a buffer that the next call reuses (the sweep
+        adds it to its adjoint at once): no concatenation or conversion temporaries the size of the model."""
+        if self._hu is None:
+            self._hu = torch.empty(self.P.shape, dtype=torch.float64, device=self.P.device)
+            self._hu_views = list(self.params.views(self._hu).values())
+        for g, v in zip(gs, self._hu_views):
+            v.zero_() if g is None else v.copy_(g)
+        return self._hu
+
     def _flat(self, gs) -> torch.Tensor:
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, self._lv)])
 
@@ -105,7 +116,7 @@ class TorchProblem(Problem):
             with torch.enable_grad():
                 out = torch.autograd.grad([o for o, _ in outs], wrt, grad_outputs=[c for _, c in outs],
                                           allow_unused=True)
-            return self._flat(out[:n]).to(torch.float64), self._per_hyper(out[n:])
+            return self._hu_of(out[:n]), self._per_hyper(out[n:])
         return g, vjp
 
     def set_buffers(self, R: torch.Tensor) -> None:

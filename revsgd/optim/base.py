@@ -75,9 +75,9 @@ class Schedules:
 
     def reduce(self, parts: dict, t: int, into: dict) -> None:
         """Add each contribution's sum over lanes to ``into[name][t]`` — over all lanes where ``into[name]`` is (T,),
-        per group where it is (T, G). A contribution is a per-lane tensor, a scalar, or a tuple of factors (at most
+        per group where it is (T, G). A contribution is a per-lane tensor, a scalar, a tuple of factors (at most
         two per-lane tensors, any numbers) standing for their per-lane product (summed as one dot product: no
-        temporary the size of the model)."""
+        temporary the size of the model), or a list of such terms standing for their sum."""
         grp = []
         for k, v in parts.items():
             if v is None:
@@ -86,6 +86,9 @@ class Schedules:
                 grp.append(k)
             elif isinstance(v, tuple):
                 into[k][t] += _dot(*v)
+            elif isinstance(v, list):
+                for term in v:
+                    into[k][t] += _dot(*term) if isinstance(term, tuple) else term.sum()
             else:
                 into[k][t] += v.sum() if isinstance(v, torch.Tensor) and v.dim() else v
         if grp:
@@ -115,7 +118,12 @@ def _dot(*factors):
 
 
 def contribution(v):
-    """A per-lane contribution as one tensor (a tuple of factors multiplied out)."""
+    """A per-lane contribution as one tensor (a tuple of factors multiplied out, a list of terms summed)."""
+    if isinstance(v, list):
+        out = contribution(v[0])
+        for term in v[1:]:
+            out = out + contribution(term)
+        return out
     if isinstance(v, tuple):
         out = v[0]
         for f in v[1:]:
@@ -220,14 +228,15 @@ class ExactState:
             return self._views[name], self._views[name + ".lo"]
         return self._views[name]
 
-    def state_float(self, name: str, scale=1.0) -> torch.Tensor:
+    def state_float(self, name: str, scale=1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """scale · flt of the (rescaled) integer state on this state's lanes, float64 (``scale`` a float or a
-        per-lane tensor: the decay's scale e turns the rescaled state into its true value)."""
+        per-lane tensor: the decay's scale e turns the rescaled state into its true value); written into ``out``
+        (float64, this state's lanes) when given, except for two-limb states."""
         F = self.frac[name]
         if name in self.two_limb:
             return (self.X[name].to(torch.float64) * (2.0 ** (LIMB - F) * scale)
                     + self.X[name + ".lo"].to(torch.float64) * (2.0 ** -F * scale))
-        return self.X[name].to(torch.float64) * (2.0 ** -F * scale)
+        return _scaled(self.X[name], 2.0 ** -F * scale, out)
 
     def local(self, prm):
         """Per-group kernel parameters cut to the groups this state's lanes intersect (identity when unsharded)."""
@@ -311,9 +320,22 @@ class ExactState:
     def on_abort(self, f: Callable[[], None]) -> None:
         self._undo.append(f)
 
-    def float_params(self, scale=1.0) -> torch.Tensor:
-        """scale · flt(W) over all lanes (W is kept whole on every shard)."""
-        return self.W.to(torch.float64) * (2.0 ** -self.frac["params"] * scale)
+    def float_params(self, scale=1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """scale · flt(W) over all lanes (W is kept whole on every shard), into ``out`` when given."""
+        return _scaled(self.W, 2.0 ** -self.frac["params"] * scale, out)
+
+    @property
+    def whole(self) -> bool:
+        """Whether this state holds every lane (unsharded: :meth:`gather` is the identity)."""
+        return self.lo == 0 and self.hi == self.W.shape[0] and type(self).gather is ExactState.gather
+
+
+def _scaled(x: torch.Tensor, c, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """c · float64(x) — into ``out`` when given, with the same two roundings (conversion, product) and no
+    temporary."""
+    if out is None:
+        return x.to(torch.float64) * c
+    return out.copy_(x).mul_(c)
 
 
 def _to_fixed2_t(x: torch.Tensor, frac: int, name: str) -> tuple:
@@ -458,13 +480,15 @@ class ReversibleOptimizer:
     def exact_undo_state(self, ex: ExactState, g, t: int, plan: "Plan") -> None:
         raise NotImplementedError
 
-    def exact_floats(self, ex: ExactState, t: int, plan: "Plan") -> tuple:
+    def exact_floats(self, ex: ExactState, t: int, plan: "Plan", out: Optional[tuple] = None) -> tuple:
         """(w_t, {state: value_t}) as float64 tensors from the integer state at step t: the true values, i.e. the
-        rescaled states times their scales e_t."""
-        w = ex.float_params(plan.lanes(plan.decay["params"].e[t]) if "params" in plan.decay else 1.0)
+        rescaled states times their scales e_t. ``out``: (w, {state: tensor}) float64 buffers to write them into
+        (an unsharded state only; entries may be None)."""
+        bw, bst = out if out is not None and ex.whole else (None, {})
+        w = ex.float_params(plan.lanes(plan.decay["params"].e[t]) if "params" in plan.decay else 1.0, out=bw)
         scales = [plan.lanes(plan.decay[k].e[t]) if k in plan.decay else 1.0 for k in self.state_names]
-        st = dict(zip(self.state_names, ex.gather_many([ex.state_float(k, c) for k, c in zip(self.state_names,
-                                                                                            scales)])))
+        st = dict(zip(self.state_names, ex.gather_many([ex.state_float(k, c, out=bst.get(k)) for k, c in
+                                                        zip(self.state_names, scales)])))
         return w, st
 
 

@@ -7,7 +7,7 @@ import torch
 
 from .. import kernels
 from ..kernels import MomentumParams
-from .base import ExactState, Plan, ReversibleOptimizer, Schedules, axpy, contribution, scale
+from .base import ExactState, Plan, ReversibleOptimizer, Schedules, axpy, scale
 
 _ZERO = np.zeros(1)
 
@@ -90,7 +90,7 @@ class HeavyBall(_MomentumKernel):
     def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
         gam, a = hp["momentum"], hp["lr"]
         dv = axpy(dst["velocity"], a, dw)
-        dhp = {"lr": (dw, st1["velocity"]), "momentum": (dv, st["velocity"] + g)}
+        dhp = {"lr": (dw, st1["velocity"]), "momentum": [(dv, st["velocity"]), (dv, g)]}
         return dw, {"velocity": scale(gam, dv)}, scale(-(1.0 - gam), dv), dhp
 
 
@@ -194,8 +194,7 @@ class SGD(_MomentumKernel):
             db = scale(mu, db1)
             mom.append((db1, b))
             dhp["dampening"] = (db1, gp, -1.0)
-        dhp["momentum"] = (None if not mom else mom[0] if len(mom) == 1 else
-                           contribution(mom[0]) + contribution(mom[1]))
+        dhp["momentum"] = None if not mom else mom[0] if len(mom) == 1 else mom
         dhp["weight_decay"] = (dgp, w)
         return axpy(dw, lam, dgp), {"momentum_buffer": db}, dgp, dhp
 
