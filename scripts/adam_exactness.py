@@ -17,7 +17,6 @@ Usage: ``python scripts/adam_exactness.py [--steps 10000] [--out docs/bench/adam
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 import revsgd
+from revsgd.bench.timing import emit_json
 from revsgd.problems import digits_mlp
 
 
@@ -141,11 +141,7 @@ def main(argv=None) -> int:
            "adamw": run_optimizer("adamw", a.steps, 1e-2),
            "adamw_tiny_decay": tiny_decay(a.tiny_steps, 1e-3, 1e-3)}
     doc["seconds"] = time.perf_counter() - t0
-    text = json.dumps(doc, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit_json(doc, a.out)
     return 0
 
 

@@ -20,13 +20,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import revsgd
 from revsgd.bench.kernels import parse_int_list, run_benchmark
-from revsgd.bench.timing import ContentionPolicy, RepeatPolicy
+from revsgd.bench.timing import ContentionPolicy, RepeatPolicy, emit_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +93,7 @@ def main(argv=None) -> int:
         big_depths=parse_int_list(args.bigint_depths) if args.bigint_depths else ([1000] if q else [1000, 10000]),
         big_k=args.bigint_steps if args.bigint_steps is not None else (2 if q else 3),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv))
-    text = json.dumps(doc, indent=1, sort_keys=False)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
-    print(text)
+    emit_json(doc, args.out)
     return 0
 
 

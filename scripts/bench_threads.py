@@ -35,15 +35,14 @@ only measures, it changes no default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-from revsgd.bench.timing import (BusyLoad, CpuMeter, cpu_seconds_children, cpu_seconds_self, machine, versions,
-                                 wait_for_quiet)
+from revsgd.bench.timing import (BusyLoad, CpuMeter, cpu_seconds_children, cpu_seconds_self, emit_json, machine,
+                                 versions, wait_for_quiet)
 from revsgd.bench.unroll import run_child
 
 SETTINGS = {"quiet_threads1": (1, False), "quiet_default": (None, False), "load_default": (None, True),
@@ -151,10 +150,7 @@ def main(argv=None) -> int:
           f"{fmt(sm['c_over_a']['median'])}; (d)/(a) quiet default / threads=1: median "
           f"{fmt(sm['d_over_a']['median'])}; threads the default used: {sm['default_threads_used']}", file=sys.stderr)
     doc["total_seconds"] = time.perf_counter() - t_all
-    text = json.dumps(doc, indent=1)
-    with open(a.out, "w") as f:
-        f.write(text + "\n")
-    print(text)
+    emit_json(doc, a.out)
     return 0
 
 

@@ -3,6 +3,7 @@ memory, and a record of the environment a number was measured in. Only the stand
 for :func:`environment`, whatever of torch / numba / the compiled kernels is importable)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -54,6 +55,15 @@ class ContentionPolicy:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def emit_json(doc: dict, out: Optional[str]) -> None:
+    """Print a benchmark's JSON document (indent 1) and, when ``out`` is given, write it there too."""
+    text = json.dumps(doc, indent=1)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
 
 
 def loadavg() -> Optional[float]:
