@@ -174,7 +174,8 @@ def _tampered(rank, where="state"):
         if rank == 1 and where == "state":
             u.prov.ex.X["momentum_buffer"][3] ^= 1
         if rank == 1 and where == "start":
-            u.prov.ex.start[1]["momentum_buffer"][3] ^= 1
+            d = u.prov.ex.start["momentum_buffer"]          # the start's SHA-256, one bit flipped
+            u.prov.ex.start["momentum_buffer"] = bytes([d[0] ^ 1]) + d[1:]
         f, dw, dth = prob.val()
         with comm.guard():
             u.reverse(dw, dth)

@@ -10,7 +10,10 @@
 - non-determinism is a ReversalError, never a hypergradient: unseeded randomness fails at the step-0 probe (two
   loss calls, before the forward pass), also at momentum 1 where the state never sees a gradient; a loss that
   changes only at step 7 of the reverse pass is named by its step (gradient fingerprints); a thread-count change
-  inside the loss is caught.
+  inside the loss is caught;
+- the sweep's buffers: ``reverse(overwrite=True)`` accumulates into the caller's dw (same result), the unroll keeps
+  no float copy of (w_T, state_T), and the exact method remembers its start by SHA-256 digests (a record one bit
+  off is a ReversalError).
 """
 from __future__ import annotations
 
@@ -484,3 +487,45 @@ def test_first_kernel_call_in_a_process_keeps_torch_threads_pinned(backend):
     p = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, backend], capture_output=True, text=True, env=env,
                        timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+
+
+# --- the sweep's buffers --------------------------------------------------------------------------------------
+def _quadratic_unroll(method="exact", T=50):
+    from revsgd.engine import Unroll
+    from revsgd.engine.problem import NumpyProblem
+    from revsgd.optim import get_optimizer
+    q = Quadratic(T)
+    prob = NumpyProblem(lambda w, t: q.grad(w, t), lambda w, t: q.grad_vjp(w, t), q.val, 3, 3)
+    sched = {"lr": np.full(T, 0.1), "momentum": np.full(T, 0.9)}
+    return Unroll(prob, get_optimizer("heavyball"), sched, torch.zeros(3, dtype=F64), method=method), prob
+
+
+@pytest.mark.parametrize("method", ["exact", "trajectory"])
+def test_reverse_overwrite_accumulates_into_the_callers_dw(method):
+    res = {}
+    for overwrite in (False, True):
+        u, prob = _quadratic_unroll(method)
+        u.forward()
+        f, dw, dth = prob.val()
+        given = dw.clone()
+        out = u.reverse(dw, dth, overwrite=overwrite)
+        assert (out.d_w0.data_ptr() == dw.data_ptr()) == overwrite   # the same memory, or a copy
+        assert overwrite or torch.equal(dw, given)             # the caller's dw untouched without overwrite
+        res[overwrite] = out
+    assert torch.equal(res[True].d_w0, res[False].d_w0)
+    assert all(torch.equal(res[True].grads[k], res[False].grads[k]) for k in res[True].grads)
+
+
+def test_exact_unroll_keeps_no_float_state_and_checks_the_start_by_digest():
+    u, prob = _quadratic_unroll()
+    wT, stT = u.forward()
+    assert u.wT.dtype == prob.P.dtype and torch.equal(u.wT, wT.to(prob.P.dtype))
+    held = [x for v in vars(u).values() if v is not u.wT for x in (v if isinstance(v, (tuple, list)) else [v])]
+    assert not any(isinstance(x, torch.Tensor) and x.shape == wT.shape for x in held)   # (w_T, state_T) not kept
+    ex = u.prov.ex
+    assert set(ex.start) == {"params", "velocity"} and all(len(d) == 32 for d in ex.start.values())
+    d = ex.start["velocity"]
+    ex.start["velocity"] = bytes([d[0] ^ 1]) + d[1:]           # the record of the start, one bit off
+    f, dw, dth = prob.val()
+    with pytest.raises(ReversalError, match=r"does not return to the start \(velocity differ"):
+        u.reverse(dw, dth)

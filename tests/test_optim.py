@@ -315,8 +315,12 @@ def test_closed_form_adjoint_equals_autograd_default(kind, per_lane, t):
         opt, hp, w, st, g, dw, dst = _random_case(kind, per_lane, 1000 * seed + t)
         assert type(opt).adjoint is not ReversibleOptimizer.adjoint, "built-ins have closed forms"
         w1, st1 = opt.float_step(w, st, g, hp, t)
-        got = opt.adjoint(t, w, st, g, w1, st1, dw, dst, hp)
-        want = ReversibleOptimizer.adjoint(opt, t, w, st, g, w1, st1, dw, dst, hp)
+        # each call gets its own g, dw and dst: an adjoint may overwrite them (they are the sweep's buffers)
+        mine = lambda: (g.clone(), dw.clone(), {k: v.clone() for k, v in dst.items()})  # noqa: E731
+        g1, dw1, dst1 = mine()
+        got = opt.adjoint(t, w, st, g1, w1, st1, dw1, dst1, hp)
+        g2, dw2, dst2 = mine()
+        want = ReversibleOptimizer.adjoint(opt, t, w, st, g2, w1, st1, dw2, dst2, hp)
         for name, a, b in (("dw", got[0], want[0]), ("dg", got[2], want[2])):
             assert torch.allclose(torch.as_tensor(a, dtype=F64).expand_as(b), b, rtol=1e-12, atol=1e-13), name
         for k in opt.state_names:

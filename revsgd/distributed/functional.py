@@ -87,11 +87,11 @@ def hypergrad(train_loss, val_loss, params0, *, optimizer: Union[str, Reversible
                                             block_bytes=spill_block_bytes) if method == "exact" else None)
                 u = run.unroll(prob, exact_state=make)
                 comm.check()   # every rank built its run (the gradient sums fuse their checks: see comm)
-                wT, stT = u.forward()
+                u.forward()
                 f, dw, dth = prob.val()
-                out = u.reverse(dw, dth)
+                out = u.reverse(dw, dth, overwrite=True)
                 comm.at(None, "finish")
-                run.finish(inner, wT, stT)
+                run.finish(inner, u.wT, None)
             stats = out.stats
             stats.update(_rank_stats(comm, u, stats))
             stats.update(threads=k, world_size=comm.world, rank=comm.rank, reduce=reduce,
@@ -99,7 +99,7 @@ def hypergrad(train_loss, val_loss, params0, *, optimizer: Union[str, Reversible
             grads = run.schedule_grads(out.grads)
             grads["params0"] = run.params.unflat(out.d_w0)
             grads.update(_hyper_grads(run, out.d_theta))
-            result = HypergradResult(f, run.params.unflat(wT), grads, stats)
+            result = HypergradResult(f, run.params.unflat(u.wT), grads, stats)
             comm.check()   # the last agreement: no rank failed after the reverse pass
     finally:
         ex = getattr(getattr(u, "prov", None), "ex", None)

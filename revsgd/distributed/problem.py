@@ -200,7 +200,7 @@ class DistributedProblem(Problem):
         c = self._scale()
         n = self._packed_size()
 
-        def vjp(u: torch.Tensor, du: Optional[torch.Tensor] = None):
+        def vjp(u: torch.Tensor, du: Optional[torch.Tensor] = None, acc: Optional[torch.Tensor] = None):
             err = None
             buf = self._buffer(n, torch.float64)
             try:
@@ -213,7 +213,8 @@ class DistributedProblem(Problem):
             S = self._sum_checked(buf, err, f"Hessian-vector product (float64, {n} values)").clone()
             if c != 1.0:
                 S.mul_(c)
-            return self._unpack(S)
+            hu, th = self._unpack(S)
+            return (hu if acc is None else acc.add_(hu)), th
         return g, vjp
 
     # --- validation --------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def hypergrad_numpy(grad: Callable, grad_vjp: Callable, val: Callable, w0: np.nd
                    progress=progress, **options)
         wT, _ = u.forward()
         f, dw, dth = prob.val()
-        res = u.reverse(dw, dth)
+        res = u.reverse(dw, dth, overwrite=True)
     return NumpyResult(f, wT.numpy().copy(), {k: v.numpy() for k, v in res.grads.items()}, res.d_w0.numpy(),
                        {k: v.numpy() for k, v in res.d_state0.items()}, res.d_theta[0].numpy(), res.stats)
 

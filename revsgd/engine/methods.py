@@ -63,6 +63,10 @@ class Provider:
     def after(self, t: int, g: torch.Tensor) -> State:
         raise NotImplementedError
 
+    def final(self) -> State:
+        """(w_T, state_T) for the sweep's first step."""
+        return self.sT
+
     def finish(self) -> None:
         pass
 
@@ -84,8 +88,8 @@ class Exact(Provider):
         fp = self.prob.fingerprint(g)
         return fp if self.exb is None else fp + 3 * self.prob.fingerprint(self.prob.aux)
 
-    def _floats(self, t: int, out: Optional[tuple] = None) -> State:
-        w, st = self.opt.exact_floats(self.ex, t, self.plan, out)
+    def _floats(self, t: int, out: Optional[tuple] = None, reads: Optional[tuple] = None) -> State:
+        w, st = self.opt.exact_floats(self.ex, t, self.plan, out, reads)
         if self.exb is not None:
             st[KEY] = self.exb.value(t)
         return w, st
@@ -93,7 +97,7 @@ class Exact(Provider):
     def _probe(self) -> None:
         """Step 0's gradient twice, through the forward's path and the reverse's (with graph): a loss that draws
         unseeded randomness fails here, in seconds, instead of after the whole forward pass."""
-        g1 = self.prob.grad(0)
+        g1 = self.prob.grad(0).clone()      # grad_vjp may write its gradient into the same buffer
         if not bool(torch.isfinite(g1).all()):
             from ..core.fixed import NonFiniteError
             raise NonFiniteError("at step 0: the gradient of the training loss holds NaN or inf")
@@ -106,6 +110,7 @@ class Exact(Provider):
                                 "shuffling iterator — or a change of thread count). " + REVERSAL_HINT)
 
     def forward(self, T: int, tick) -> State:
+        self.T = T
         self.prob.set_params(self.ex.float_params())
         self._probe()
         fp = torch.zeros(T, dtype=torch.int64, device=self.prob.device)
@@ -148,7 +153,10 @@ class Exact(Provider):
         self._undo(t, self.opt.exact_undo_state, self.ex, g, t, self.plan)
         if self.exb is not None:
             self._undo(t, self.exb.undo, self.prob.aux, t)
-        return self._floats(t, self._buffers(t))
+        return self._floats(t, self._buffers(t), self.opt.adjoint_reads)
+
+    def final(self) -> State:
+        return self._floats(self.T, self._buffers(self.T), self.opt.adjoint_reads)
 
     def _buffers(self, t: int) -> tuple:
         """Float64 buffers for step t's (w, states): two sets, alternating by step, since the reverse sweep holds
@@ -156,7 +164,10 @@ class Exact(Provider):
         if self._bufs is None:
             L = self.ex.W.shape[0]
             mk = lambda: torch.empty(L, dtype=torch.float64, device=self.ex.device)  # noqa: E731
-            self._bufs = [(mk(), {k: mk() for k in self.opt.state_names}) for _ in range(2)]
+            reads = self.opt.adjoint_reads
+            need = (lambda k: reads is None or k in reads)   # noqa: E731
+            self._bufs = [(mk() if need("params") else None, {k: mk() for k in self.opt.state_names if need(k)})
+                          for _ in range(2)]
         return self._bufs[t % 2]
 
     def finish(self) -> None:

@@ -4,8 +4,9 @@ A :class:`Problem` owns ``P``, the flat leaf tensor (model dtype) that the loss 
 kernels) writes w_t into it before asking for a gradient — and answers
 
 - ``grad(t)``: g_t = ∇_w L(P, θ, t), shape (L,), first order;
-- ``grad_vjp(t)``: the same g_t (bit for bit) computed with its graph, and ``vjp(u)`` → (∇_w(g·u), [∂_θ(g·u) per
-  hyper]) — one Hessian-vector product and the θ-part, in one backward pass;
+- ``grad_vjp(t)``: the same g_t (bit for bit) computed with its graph, and ``vjp(u, acc=None)`` → (∇_w(g·u),
+  [∂_θ(g·u) per hyper]) — one Hessian-vector product and the θ-part, in one backward pass; given ``acc`` (float64,
+  flat), the product is added into it in place and ``acc`` is returned (the sweep's adjoint: no temporary);
 - ``val()``: (f, ∂f/∂w, [∂f/∂θ per hyper]) at P.
 
 ``fingerprint(g)`` hashes a gradient's bits; the exact method compares the forward and reverse passes' gradients
@@ -92,13 +93,13 @@ class NumpyProblem(Problem):
         g, f = out
         g = self._vec(g, "grad_vjp", self.num_lanes)
 
-        def vjp(u: torch.Tensor):
+        def vjp(u: torch.Tensor, du=None, acc: Optional[torch.Tensor] = None):
             r = f(u.detach().numpy().astype(np.float64))
             if not (isinstance(r, tuple) and len(r) == 2):
                 raise TypeError("vjp(u) must return (Hu, theta_u)")
             hu = self._vec(r[0], "vjp(u)[0]", self.num_lanes)
             th = [self._vec(np.zeros(self.num_hypers) if r[1] is None else r[1], "vjp(u)[1]", self.num_hypers)]
-            return hu, th
+            return (hu if acc is None else acc.add_(hu)), th
         return g, vjp
 
     def val(self):

@@ -33,7 +33,7 @@ _OWN = {"checkpoint_every": "checkpoint", "truncate": "truncated", "replay_k": "
 @dataclass
 class EngineResult:
     val_loss: float
-    w: Optional[torch.Tensor]     # w_T (float64, flat)
+    w: torch.Tensor               # w_T (flat, in the params' dtype: what the losses saw)
     grads: dict                   # schedule name -> (T,) or (T, G) float64 tensor
     d_w0: torch.Tensor
     d_state0: dict
@@ -42,8 +42,9 @@ class EngineResult:
 
 
 class Unroll:
-    """One T-step unroll of ``opt`` on ``prob``: ``forward()`` trains, ``reverse(dw)`` sweeps back (callable again
-    after another ``forward()``). ``exact_state(opt, w0, P, plan, backend, state0)`` replaces the exact method's
+    """One T-step unroll of ``opt`` on ``prob``: ``forward()`` trains (then ``wT`` holds w_T in the params' dtype),
+    ``reverse(dw)`` sweeps back (callable again after another ``forward()``).
+    ``exact_state(opt, w0, P, plan, backend, state0)`` replaces the exact method's
     :class:`~revsgd.optim.ExactState` (e.g. a sharded one, :mod:`revsgd.distributed`); ``tape_dir`` spills the
     tapes to files there in blocks of ``spill_block_bytes`` (docs/distributed.md)."""
 
@@ -112,22 +113,27 @@ class Unroll:
         return bar, bar.update
 
     def forward(self) -> tuple:
-        """Train T steps; returns (w_T, state_T) as float64 tensors and leaves w_T in the problem's P."""
+        """Train T steps; returns (w_T, state_T) as float64 tensors and leaves w_T in the problem's P (and a copy,
+        in the params' dtype, in ``EngineResult.w``). The sweep keeps neither: it starts from the provider's
+        final state, so a caller that drops them holds no model-sized float64 vectors through the reverse pass."""
         bar, tick = self._bar("forward")
         t0 = time.perf_counter()
         try:
-            self.sT = self.prov.forward(self.T, tick)
+            sT = self.prov.forward(self.T, tick)
         finally:
             if bar is not None:
                 bar.close()
-        self.prob.set_params(self.sT[0])
+        self.prob.set_params(sT[0])
+        self.wT = self.prob.P.detach().clone()
         self.stats["seconds_forward"] = time.perf_counter() - t0
         self.forward_done = True
-        return self.sT
+        return sT
 
-    def reverse(self, dw: torch.Tensor, dtheta: Optional[list] = None,
-                dstate: Optional[dict] = None) -> EngineResult:
-        """Sweep back from dw = ∂f/∂w_T (and ∂f/∂θ, ∂f/∂state_T); returns hypergradients (val_loss left NaN)."""
+    def reverse(self, dw: torch.Tensor, dtheta: Optional[list] = None, dstate: Optional[dict] = None, *,
+                overwrite: bool = False) -> EngineResult:
+        """Sweep back from dw = ∂f/∂w_T (and ∂f/∂θ, ∂f/∂state_T); returns hypergradients (val_loss left NaN).
+        ``overwrite``: dw is the caller's to give up — when it is float64 on the problem's device the sweep
+        accumulates into it instead of a copy."""
         if not self.forward_done:
             raise RuntimeError("reverse() needs a completed forward() (each forward allows one reverse)")
         self.forward_done = False
@@ -135,7 +141,8 @@ class Unroll:
         bar, tick = self._bar("reverse")
         t0 = time.perf_counter()
         dev = prob.device
-        dw = dw.detach().to(torch.float64).to(dev).clone()
+        keep = overwrite and dw.dtype == torch.float64 and dw.device == dev
+        dw = dw.detach() if keep else dw.detach().to(torch.float64).to(dev).clone()
         dth = [None if x is None else x.to(torch.float64).clone()
                for x in (prob.hyper_zeros() if dtheta is None else dtheta)]
         dst = {k: (torch.zeros_like(dw) if dstate is None or k not in dstate else dstate[k].to(dw).clone())
@@ -145,8 +152,8 @@ class Unroll:
                                        else prob.d_buffers.detach().to(torch.float64).clone())
         grads = sch.zeros()
         dder = {k: torch.zeros(v.shape, dtype=torch.float64, device=dev) for k, v in self.plan.derived.items()}
-        post = self.sT
-        gbuf = torch.empty_like(dw)          # step t's gradient in float64 (read within the step only)
+        post = prov.final()
+        gbuf = torch.empty_like(dw)          # step t's gradient in float64 (the adjoint may overwrite it)
         try:
             for t in range(self.T - 1, prov.lo - 1, -1):
                 prov.before(t)
@@ -156,12 +163,14 @@ class Unroll:
                 dw_in = dw
                 dw, dst, dg, dhp = opt.adjoint(t, pre[0], pre[1], g64, post[0], post[1], dw, dst, self.hypers_at(t))
                 self._accumulate(dhp, t, grads, dder)
-                if buf is None:
-                    hu, th = vjp(dg)
-                else:
+                du = None
+                if buf is not None:
                     dR, du = buf.adjoint(dR)
+                if dw is dw_in:                  # the sweep's own buffer: the product is added in place
+                    dw, th = vjp(dg, du, acc=dw)
+                else:                            # a new dw may alias what the adjoint returned
                     hu, th = vjp(dg, du)
-                dw = dw.add_(hu) if dw is dw_in else dw + hu     # the sweep owns dw_in; a new dw may alias
+                    dw = dw + hu
                 for i, x in enumerate(th):
                     if x is not None:
                         dth[i] = x.to(torch.float64) if dth[i] is None else dth[i] + x
@@ -189,7 +198,7 @@ class Unroll:
         st.update(prov.stats)
         if dR is not None:
             dst[KEY] = dR
-        return EngineResult(float("nan"), self.sT[0], grads, dw, dst, dth, dict(st))
+        return EngineResult(float("nan"), self.wT, grads, dw, dst, dth, dict(st))
 
     def _accumulate(self, dhp: dict, t: int, grads: dict, dder: dict) -> None:
         self.sch.reduce({k: v for k, v in dhp.items() if k in grads}, t, grads)

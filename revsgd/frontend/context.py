@@ -115,7 +115,7 @@ class Reversible:
         self._modules = list(self.model.modules())
         self._modes = [m.training for m in self._modules]    # every step runs with these train/eval modes
         self._u = self._run.unroll(self._prob)
-        self._wT, self._stT = self._u.forward()
+        self._R_T = self._u.forward()[1].get(KEY)
         self._state = "fitted"
         self._enter_val()
         return self
@@ -127,7 +127,7 @@ class Reversible:
         self._val_stack.enter_context(_Swap(self.model, prob.views))
         self._R = None
         if prob.buffers is not None:
-            self._R = self._stT[KEY].to(self._run.params.dtype).requires_grad_()
+            self._R = self._R_T.to(self._run.params.dtype).requires_grad_()
             self._val_stack.enter_context(prob.eval_buffers(self._R))
         self._hypers = prob.leaves
 
@@ -152,7 +152,7 @@ class Reversible:
         out = (None,) + tuple(out[n:])
         self.val_loss = float(val.detach())
         self._val_stack.close()
-        res = self._u.reverse(dw, prob._per_hyper(out[1:]))
+        res = self._u.reverse(dw, prob._per_hyper(out[1:]), overwrite=True)
         run = self._run
         grads = run.schedule_grads(res.grads)
         grads["params0"] = run.params.unflat(res.d_w0)
@@ -171,7 +171,7 @@ class Reversible:
             if self._state == "fitted":
                 self._val_stack.close()
             if self._state in ("fitted", "done"):
-                self._run.finish(self._prob, self._wT, self._stT)
+                self._run.finish(self._prob, self._u.wT, self._R_T)
             elif self._prob.binding is not None:
                 self._prob.binding.close()
         finally:

@@ -84,7 +84,7 @@ class _Run:
     def problem(self, k: int) -> TorchProblem:
         return TorchProblem(self.train_loss, self.val_loss, self.params, self.hypers, k, self.seed, self.T)
 
-    def finish(self, prob: TorchProblem, wT: torch.Tensor, stT: dict) -> None:
+    def finish(self, prob: TorchProblem, wT: torch.Tensor, R_T: Optional[torch.Tensor]) -> None:
         """A module is left as plain training leaves it: parameters w_T, buffers R_T, num_batches_tracked + T."""
         if self.params.module is None:
             return
@@ -92,7 +92,7 @@ class _Run:
             for v, p in zip(self.params.unflat(wT).values(), _originals(self.params.module, self.params)):
                 p.copy_(v)
         if prob.buffers is not None:
-            prob.binding.finalize(stT[KEY], self.T)
+            prob.binding.finalize(R_T, self.T)
 
     def unroll(self, prob: TorchProblem, **extra) -> Unroll:
         sizes = self.params.sizes if any(a.ndim == 2 for a in self.sched.values()) else None
@@ -153,19 +153,19 @@ def hypergrad(train_loss: TrainLoss, val_loss: ValLoss, params0, *, optimizer: U
             if method == "naive":
                 return _naive(run, prob)
             u = run.unroll(prob)
-            wT, stT = u.forward()
-            if prob.buffers is not None:
-                prob.set_buffers(stT[KEY])
+            R_T = u.forward()[1].get(KEY)     # w_T stays in u.wT (params' dtype), nothing float64 is kept
+            if R_T is not None:
+                prob.set_buffers(R_T)
             f, dw, dth = prob.val()
-            out = u.reverse(dw, dth)
-            run.finish(prob, wT, stT)
+            out = u.reverse(dw, dth, overwrite=True)
+            run.finish(prob, u.wT, R_T)
         finally:
             prob.close()
     grads = run.schedule_grads(out.grads)
     grads["params0"] = run.params.unflat(out.d_w0)
     grads.update(_hyper_grads(run, out.d_theta))
     out.stats["threads"] = k
-    return HypergradResult(f, run.params.unflat(wT), grads, out.stats)
+    return HypergradResult(f, run.params.unflat(u.wT), grads, out.stats)
 
 
 def _hyper_grads(run: _Run, d_theta: list) -> dict:
@@ -217,7 +217,7 @@ def _naive(run: _Run, prob: TorchProblem) -> HypergradResult:
     grads = run.schedule_grads({k: z(d, leaves[k]) for k, d in zip(leaves, out[:n])})
     grads["params0"] = P.unflat(z(out[n], w0))
     grads.update(_hyper_grads(run, prob._per_hyper(out[n + 1:])))
-    run.finish(prob, w.detach(), {KEY: None if R is None else R.detach()})
+    run.finish(prob, w.detach(), None if R is None else R.detach())
     stats = {"method": "naive", "optimizer": opt.name, "steps": run.T, "lanes": P.size, "seconds_forward": t1 - t0,
              "seconds_reverse": t2 - t1, "tape_bytes": 0, "info_bits": 0, "storage_bytes": 0,
              "threads": prob.threads}
@@ -232,8 +232,8 @@ class _UnrollFunction(torch.autograd.Function):
         ctx.run = run
         ctx.save_for_backward(*inputs)   # torch then refuses a backward after any of them changed in place
         with pinned_threads(run.k):
-            wT, _ = run.u.forward()
-        return tuple(run.params.unflat(wT).values())
+            run.u.forward()
+        return tuple(run.params.unflat(run.u.wT).values())
 
     @staticmethod
     def backward(ctx, *grad_out):
@@ -245,7 +245,7 @@ class _UnrollFunction(torch.autograd.Function):
                 run.u.forward()
             dw = torch.cat([(torch.zeros(s, dtype=torch.float64, device=P.device) if g is None else
                              g.reshape(-1).to(torch.float64)) for g, s in zip(grad_out, P.sizes)])
-            out = run.u.reverse(dw)
+            out = run.u.reverse(dw, overwrite=True)
         run.stats = out.stats
         sg = run.schedule_grads(out.grads)
         d_sched = [sg[k] for k in run.sched_inputs]

@@ -49,8 +49,8 @@ class TorchProblem(Problem):
         self.views = {k: v.requires_grad_() for k, v in params.views(self.P).items()}
         self._lv = list(self.views.values())
         self._G = torch.zeros_like(self.P)
-        self._hu: Optional[torch.Tensor] = None
-        for leaf, gv in zip(self._lv, params.views(self._G).values()):
+        self._gviews = list(params.views(self._G).values())
+        for leaf, gv in zip(self._lv, self._gviews):
             leaf.grad = gv
         self.hypers = {k: v.detach() for k, v in hypers.items()}
         self.leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in hypers.items()}
@@ -83,41 +83,47 @@ class TorchProblem(Problem):
         self.aux = None if u is None else u.detach()
         return self._G
 
-    def _hu_of(self, gs) -> torch.Tensor:
-        """The per-leaf products as one float64 vector, written into a buffer that the next call reuses (the sweep
-        adds it to its adjoint at once): no concatenation or conversion temporaries the size of the model."""
-        if self._hu is None:
-            self._hu = torch.empty(self.P.shape, dtype=torch.float64, device=self.P.device)
-            self._hu_views = list(self.params.views(self._hu).values())
-        for g, v in zip(gs, self._hu_views):
-            v.zero_() if g is None else v.copy_(g)
-        return self._hu
+    def _add_into(self, acc: Optional[torch.Tensor], gs) -> torch.Tensor:
+        """acc += the per-leaf products (acc float64, flat; a new zero vector when None), leaf by leaf: no
+        concatenation or conversion temporaries the size of the model."""
+        if acc is None:
+            acc = torch.zeros(self.P.shape, dtype=torch.float64, device=self.P.device)
+        for g, v in zip(gs, self.params.views(acc).values()):
+            if g is not None:
+                v.add_(g)
+        return acc
 
     def _flat(self, gs) -> torch.Tensor:
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, self._lv)])
 
     def grad_vjp(self, t: int):
+        """g_t with its graph. The flat g returned is the gradient buffer of :meth:`grad` (valid until the next call
+        or until ``vjp``, which converts its cotangent into the same buffer: no model-sized temporaries)."""
         self._check_threads()
         with torch.enable_grad():
             loss, u = self._loss(self.leaves, t)
             gs = torch.autograd.grad(loss, self._lv, create_graph=True, allow_unused=True) if loss.requires_grad \
                 else [None] * len(self._lv)
-            g = self._flat(gs)
+        with torch.no_grad():
+            for x, v in zip(gs, self._gviews):
+                v.zero_() if x is None else v.copy_(x)
         self.aux = None if u is None else u.detach()
         wrt = self._lv + self._req
         n = len(self._lv)
 
-        def vjp(dg: torch.Tensor, du: Optional[torch.Tensor] = None):
-            outs = [(g, dg.to(g.dtype))] if g.requires_grad else []
+        def vjp(dg: torch.Tensor, du: Optional[torch.Tensor] = None, acc: Optional[torch.Tensor] = None):
+            with torch.no_grad():
+                cot = dg if dg.dtype == self._G.dtype else self._G.copy_(dg)   # g is read by now
+            outs = [(x, c) for x, c in zip(gs, self.params.views(cot).values()) if x is not None and x.requires_grad]
             if du is not None and u is not None and u.requires_grad:
                 outs.append((u, du.to(u.dtype)))
             if not outs:
-                return torch.zeros_like(dg), [None] * len(self.leaves)
+                return self._add_into(acc, []), [None] * len(self.leaves)
             with torch.enable_grad():
                 out = torch.autograd.grad([o for o, _ in outs], wrt, grad_outputs=[c for _, c in outs],
                                           allow_unused=True)
-            return self._hu_of(out[:n]), self._per_hyper(out[n:])
-        return g, vjp
+            return self._add_into(acc, out[:n]), self._per_hyper(out[n:])
+        return self._G, vjp
 
     def set_buffers(self, R: torch.Tensor) -> None:
         """The running statistics the validation loss sees (R_T)."""

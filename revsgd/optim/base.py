@@ -17,6 +17,7 @@ every backend), nothing else.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
@@ -85,10 +86,10 @@ class Schedules:
             if into[k].dim() == 2:
                 grp.append(k)
             elif isinstance(v, tuple):
-                into[k][t] += _dot(*v)
+                into[k][t] += lane_sum(*v)
             elif isinstance(v, list):
                 for term in v:
-                    into[k][t] += _dot(*term) if isinstance(term, tuple) else term.sum()
+                    into[k][t] += lane_sum(*term) if isinstance(term, tuple) else term.sum()
             else:
                 into[k][t] += v.sum() if isinstance(v, torch.Tensor) and v.dim() else v
         if grp:
@@ -101,7 +102,7 @@ class Schedules:
         return {k: torch.zeros(v.shape, dtype=torch.float64, device=self.device) for k, v in self.host.items()}
 
 
-def _dot(*factors):
+def lane_sum(*factors):
     """Σ over lanes of the product of the factors: at most two tensors (one dot product), any numbers."""
     c = 1.0
     ts = []
@@ -130,6 +131,13 @@ def contribution(v):
             out = out * f
         return out
     return v
+
+
+def axpy_(x: torch.Tensor, a, y: torch.Tensor) -> torch.Tensor:
+    """x += a·y in place (a a number or a per-lane tensor); returns x."""
+    if isinstance(a, torch.Tensor):
+        return x.addcmul_(a, y)
+    return x if a == 0 else x.add_(y, alpha=a)
 
 
 def axpy(x: torch.Tensor, a, y: torch.Tensor) -> torch.Tensor:
@@ -206,7 +214,7 @@ class ExactState:
         self.tapes = {k: tape_storage(n, local, arrays, tape_dir=tape_dir, block_bytes=spill_block_bytes)
                       for k in decaying}
         self.P = P
-        self.start = (self.W.clone(), {k: v.clone() for k, v in self.X.items()})
+        self.start = self._digests()
         self._host = self.be.name != "torch"
         Ws = self.W[self.lo:self.hi]
         if self._host:   # zero-copy NumPy views for the CPU backends, made once
@@ -265,10 +273,16 @@ class ExactState:
     def info_bits(self) -> int:
         return sum(t.info_bits for t in self.tapes.values())
 
+    def _digests(self) -> dict:
+        """SHA-256 of W's and each state's bytes: the start is remembered by these, not by copies the size of the
+        model (a difference goes unnoticed with probability 2^-256)."""
+        return {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().data).digest()
+                for k, v in {"params": self.W, **self.X}.items()}
+
     def at_start(self) -> tuple[bool, list]:
         """(everything back at the start bit for bit, names of what differs)."""
-        bad = [] if torch.equal(self.W, self.start[0]) else ["params"]
-        bad += [k for k, v in self.X.items() if not torch.equal(v, self.start[1][k])]
+        now = self._digests()
+        bad = [k for k, d in self.start.items() if now[k] != d]
         bad += [f"tape of {k}" for k, t in self.tapes.items() if not t.at_start()]
         return not bad, bad
 
@@ -360,7 +374,7 @@ class ReversibleOptimizer:
       with differentiable torch ops, e.g. bias corrections: their adjoints flow back to the schedules by autograd);
     - ``exact_step``, ``exact_undo_position``, ``exact_undo_state`` (optional: without them ``method="exact"`` is
       refused with the reason in ``exact_refusal``);
-    - ``float_step(w, st, g, hp)`` → (w', st') and optionally ``adjoint``.
+    - ``float_step(w, st, g, hp)`` → (w', st') and optionally ``adjoint`` (and ``adjoint_reads``).
     """
     name = "base"
     schedule_names: tuple = ()
@@ -370,6 +384,9 @@ class ReversibleOptimizer:
     decay_names: dict = {}
     #: states held in two int64 limbs (value = hi·2^62 + lo) for precision: Adam's second moment
     two_limb: tuple = ()
+    #: what :meth:`adjoint` reads of (w, st) and (w1, st1): "params" and state names (None: everything). The exact
+    #: method converts only these from its integers and passes None for the rest.
+    adjoint_reads: Optional[tuple] = None
 
     def __init__(self, frac_bits: Optional[dict] = None):
         fb = {"params": DEFAULT_FRAC_BITS, **self.default_frac}
@@ -431,7 +448,11 @@ class ReversibleOptimizer:
     def adjoint(self, t: int, w, st: dict, g, w1, st1: dict, dw, dst: dict, hp: dict):
         """VJP of ``float_step`` at (w, st, g) with cotangents (dw, dst) of its outputs. Returns (dw, dst, dg, dhp)
         where dhp maps hyper names (schedules or derived) to per-lane contributions: a tensor, a tuple of factors
-        of the per-lane product (at most two tensors; summed as a dot product), or None.
+        of the per-lane product (at most two tensors; summed as a dot product), a list of such terms (summed), a
+        0-d tensor (the sum itself, for a hyper with one value per step), or None.
+
+        ``dw``, ``dst`` and ``g`` (a float64 copy) are the sweep's buffers: an adjoint may overwrite them and return
+        them (e.g. dg in g's memory), provided what it returns does not read what it overwrote.
 
         Default: autograd through ``float_step`` (correct for any optimiser; built-ins override it with closed
         forms, which are several times cheaper)."""
@@ -480,15 +501,19 @@ class ReversibleOptimizer:
     def exact_undo_state(self, ex: ExactState, g, t: int, plan: "Plan") -> None:
         raise NotImplementedError
 
-    def exact_floats(self, ex: ExactState, t: int, plan: "Plan", out: Optional[tuple] = None) -> tuple:
+    def exact_floats(self, ex: ExactState, t: int, plan: "Plan", out: Optional[tuple] = None,
+                     reads: Optional[tuple] = None) -> tuple:
         """(w_t, {state: value_t}) as float64 tensors from the integer state at step t: the true values, i.e. the
         rescaled states times their scales e_t. ``out``: (w, {state: tensor}) float64 buffers to write them into
-        (an unsharded state only; entries may be None)."""
+        (an unsharded state only; entries may be None). ``reads``: convert only these ("params", state names),
+        None for the rest."""
         bw, bst = out if out is not None and ex.whole else (None, {})
-        w = ex.float_params(plan.lanes(plan.decay["params"].e[t]) if "params" in plan.decay else 1.0, out=bw)
-        scales = [plan.lanes(plan.decay[k].e[t]) if k in plan.decay else 1.0 for k in self.state_names]
-        st = dict(zip(self.state_names, ex.gather_many([ex.state_float(k, c, out=bst.get(k)) for k, c in
-                                                        zip(self.state_names, scales)])))
+        names = self.state_names if reads is None else [k for k in self.state_names if k in reads]
+        w = None if reads is not None and "params" not in reads else \
+            ex.float_params(plan.lanes(plan.decay["params"].e[t]) if "params" in plan.decay else 1.0, out=bw)
+        scales = [plan.lanes(plan.decay[k].e[t]) if k in plan.decay else 1.0 for k in names]
+        st = dict.fromkeys(self.state_names)
+        st.update(zip(names, ex.gather_many([ex.state_float(k, c, out=bst.get(k)) for k, c in zip(names, scales)])))
         return w, st
 
 

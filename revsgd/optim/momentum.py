@@ -7,7 +7,7 @@ import torch
 
 from .. import kernels
 from ..kernels import MomentumParams
-from .base import ExactState, Plan, ReversibleOptimizer, Schedules, axpy, scale
+from .base import ExactState, Plan, ReversibleOptimizer, Schedules, axpy, axpy_, lane_sum, scale
 
 _ZERO = np.zeros(1)
 
@@ -87,11 +87,21 @@ class HeavyBall(_MomentumKernel):
         """DrMAD: the velocity that moves w to w1 in one step, v = (w1 − w)/α (0 where α = 0)."""
         return {"velocity": _per_lr(w1 - w, hp["lr"])}
 
+    adjoint_reads = ("velocity",)
+
     def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
         gam, a = hp["momentum"], hp["lr"]
-        dv = axpy(dst["velocity"], a, dw)
-        dhp = {"lr": (dw, st1["velocity"]), "momentum": [(dv, st["velocity"]), (dv, g)]}
-        return dw, {"velocity": scale(gam, dv)}, scale(-(1.0 - gam), dv), dhp
+        lr = (dw, st1["velocity"])
+        if isinstance(gam, torch.Tensor):   # per-group γ: d/dγ stays per lane, so dv is kept
+            dv = axpy(dst["velocity"], a, dw)
+            dhp = {"lr": lr, "momentum": [(dv, st["velocity"]), (dv, g)]}
+            return dw, {"velocity": scale(gam, dv)}, scale(-(1.0 - gam), dv), dhp
+        # In the sweep's buffers, no allocation: dv overwrites d velocity, d/dγ (one value per step) is summed
+        # before dv is scaled, and dg overwrites g.
+        dv = axpy_(dst["velocity"], a, dw)
+        dmom = lane_sum(dv, st["velocity"]) + lane_sum(dv, g)
+        dg = torch.mul(dv, -(1.0 - gam), out=g)
+        return dw, {"velocity": dv.mul_(gam)}, dg, {"lr": lr, "momentum": dmom}
 
 
 class SGD(_MomentumKernel):
