@@ -179,6 +179,8 @@ class SGD(_MomentumKernel):
 
     def adjoint(self, t, w, st, g, w1, st1, dw, dst, hp):
         a, mu, tau, lam = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
+        if not (self._plain or self.nesterov or any(isinstance(x, torch.Tensor) for x in (a, mu, tau, lam))):
+            return self._adjoint_in_place(t, w, st, g, st1, dw, dst, a, mu, tau, lam)
         gp = axpy(g, lam, w)
         b, b1 = st["momentum_buffer"], st1["momentum_buffer"]
         if self._plain:
@@ -207,6 +209,25 @@ class SGD(_MomentumKernel):
         dhp["momentum"] = None if not mom else mom[0] if len(mom) == 1 else mom
         dhp["weight_decay"] = (dgp, w)
         return axpy(dw, lam, dgp), {"momentum_buffer": db}, dgp, dhp
+
+    def _adjoint_in_place(self, t, w, st, g, st1, dw, dst, a, mu, tau, lam):
+        """The adjoint above for one value of each hyper per step, in the sweep's buffers (no allocation): d buffer
+        becomes db1 and then db, g becomes dgp, dw is updated last; every hypergradient is summed before the
+        tensors it reads are overwritten."""
+        b, b1 = st["momentum_buffer"], st1["momentum_buffer"]
+        dhp = {"lr": -lane_sum(dw, b1)}
+        db1 = axpy_(dst["momentum_buffer"], -a, dw)
+        if t == 0:
+            dgp = g.copy_(db1)
+            db1.zero_()
+            dhp.update(dampening=None, momentum=None)
+        else:
+            dg_w = lane_sum(db1, w) if lam != 0 else 0.0
+            dhp.update(momentum=lane_sum(db1, b), dampening=-(lane_sum(db1, g) + lam * dg_w))
+            dgp = torch.mul(db1, 1.0 - tau, out=g)
+            db1.mul_(mu)
+        dhp["weight_decay"] = lane_sum(dgp, w)
+        return axpy_(dw, lam, dgp), {"momentum_buffer": db1}, dgp, dhp
 
 
 class Nesterov(SGD):
