@@ -50,6 +50,7 @@ class TorchProblem(Problem):
         self._lv = list(self.views.values())
         self._G = torch.zeros_like(self.P)
         self._gviews = list(params.views(self._G).values())
+        self._vcache: dict = {}
         for leaf, gv in zip(self._lv, self._gviews):
             leaf.grad = gv
         self.hypers = {k: v.detach() for k, v in hypers.items()}
@@ -83,12 +84,23 @@ class TorchProblem(Problem):
         self.aux = None if u is None else u.detach()
         return self._G
 
+    def _leaf_views(self, x: torch.Tensor) -> list:
+        """Per-leaf views of a flat buffer, made once per buffer (the sweep passes the same few every step). A cached
+        view keeps its storage alive, so a live tensor at the same address is that memory."""
+        key = (x.data_ptr(), x.dtype, x.device, x.numel())
+        v = self._vcache.get(key)
+        if v is None:
+            if len(self._vcache) >= 4:
+                self._vcache.clear()
+            v = self._vcache[key] = list(self.params.views(x.detach()).values())
+        return v
+
     def _add_into(self, acc: Optional[torch.Tensor], gs) -> torch.Tensor:
         """acc += the per-leaf products (acc float64, flat; a new zero vector when None), leaf by leaf: no
         concatenation or conversion temporaries the size of the model."""
         if acc is None:
             acc = torch.zeros(self.P.shape, dtype=torch.float64, device=self.P.device)
-        for g, v in zip(gs, self.params.views(acc).values()):
+        for g, v in zip(gs, self._leaf_views(acc)):
             if g is not None:
                 v.add_(g)
         return acc
@@ -114,7 +126,7 @@ class TorchProblem(Problem):
         def vjp(dg: torch.Tensor, du: Optional[torch.Tensor] = None, acc: Optional[torch.Tensor] = None):
             with torch.no_grad():
                 cot = dg if dg.dtype == self._G.dtype else self._G.copy_(dg)   # g is read by now
-            outs = [(x, c) for x, c in zip(gs, self.params.views(cot).values()) if x is not None and x.requires_grad]
+            outs = [(x, c) for x, c in zip(gs, self._leaf_views(cot)) if x is not None and x.requires_grad]
             if du is not None and u is not None and u.requires_grad:
                 outs.append((u, du.to(u.dtype)))
             if not outs:

@@ -541,5 +541,14 @@ class Plan:
             return g[t]
         return self.sch.grid(name)[t]
 
+    def table(self, key: str, make: Callable[[], tuple]) -> tuple:
+        """Per-step kernel parameters of the whole run, made once by ``make()`` (e.g. (T, G) arrays whose row t
+        is step t's parameters: vectorised, the same IEEE operations as row by row)."""
+        v = self._tables.get(key)
+        if v is None:
+            v = self._tables[key] = make()
+        return v
+
     def __post_init__(self):
         self._grid: dict = {}
+        self._tables: dict = {}

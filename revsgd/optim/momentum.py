@@ -72,11 +72,15 @@ class HeavyBall(_MomentumKernel):
         return {"velocity": sch.host["momentum"]}
 
     def _params(self, plan: Plan, t: int) -> MomentumParams:
+        h, cv, cp = plan.table("heavyball", lambda: self._table(plan))
+        return MomentumParams(h[t], cv[t], cp[t], _ZERO, self.frac["velocity"], self.frac["params"])
+
+    @staticmethod
+    def _table(plan: Plan) -> tuple:
         d = plan.decay["velocity"]
-        e1 = d.e[t + 1]
-        gam = plan.groups("momentum", t)
-        return MomentumParams(d.h[t], -(1.0 - gam) / e1, plan.groups("lr", t) * e1, _ZERO,
-                              self.frac["velocity"], self.frac["params"])
+        e1 = d.e[1:]
+        gam = plan.sch.grid("momentum")
+        return d.h, -(1.0 - gam) / e1, plan.sch.grid("lr") * e1
 
     def float_step(self, w, st, g, hp, t):
         gam, a = hp["momentum"], hp["lr"]
@@ -153,12 +157,17 @@ class SGD(_MomentumKernel):
         return {"momentum_buffer": mu}
 
     def _params(self, plan: Plan, t: int) -> MomentumParams:
+        h, cv, cp, lam = plan.table("sgd", lambda: self._table(plan))
+        return MomentumParams(h[t], cv[t], cp[t], lam[t], self.frac["momentum_buffer"], self.frac["params"])
+
+    @staticmethod
+    def _table(plan: Plan) -> tuple:
         d = plan.decay["momentum_buffer"]
-        e1 = d.e[t + 1]
-        cv = (1.0 / e1) if t == 0 else (1.0 - plan.groups("dampening", t)) / e1
-        return MomentumParams(d.h[t], np.asarray(cv, dtype=np.float64), -plan.groups("lr", t) * e1,
-                              np.ascontiguousarray(plan.groups("weight_decay", t), dtype=np.float64),
-                              self.frac["momentum_buffer"], self.frac["params"])
+        e1 = d.e[1:]
+        cv = (1.0 - plan.sch.grid("dampening")) / e1
+        cv[0] = 1.0 / e1[0]                        # the first step fills the buffer: g' itself
+        lam = np.ascontiguousarray(plan.sch.grid("weight_decay"), dtype=np.float64)
+        return d.h, cv, -plan.sch.grid("lr") * e1, lam
 
     def drmad_state(self, w, w1, hp) -> dict:
         """DrMAD: the buffer that moves w to w1 in one step, b = −(w1 − w)/α (0 where α = 0)."""
