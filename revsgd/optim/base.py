@@ -48,9 +48,17 @@ class Schedules:
         self.per_group = any(v.ndim == 2 for v in self.host.values())
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self._lengths = torch.from_numpy(self.sizes).to(device)
-        self._gid = torch.repeat_interleave(torch.arange(self.G, device=device), self._lengths)
+        self._gid_lanes: Optional[torch.Tensor] = None
         self._dev: dict[str, torch.Tensor] = {}
         self._grid: dict[str, np.ndarray] = {}
+
+    @property
+    def _gid(self) -> torch.Tensor:
+        """Each lane's group (int64, one per lane: the size of the model in memory, so made only when per-group
+        values are first expanded to lanes)."""
+        if self._gid_lanes is None:
+            self._gid_lanes = torch.repeat_interleave(torch.arange(self.G, device=self.device), self._lengths)
+        return self._gid_lanes
 
     def dev(self, name: str) -> torch.Tensor:
         d = self._dev.get(name)
