@@ -89,7 +89,7 @@ def seeded(seed: int, t: int, devices: Optional[Iterable[DeviceLike]] = None, *,
     Inside the block every draw from the global generators (``torch.rand*``, dropout, random crops...) is a pure
     function of (seed, t) and of the draws before it in the block. The CPU generator and the CUDA generators of
     ``devices`` (default: all visible devices when CUDA is available, none otherwise; list the devices of the
-    tensors involved to keep it cheap) are forked with ``torch.random.fork_rng``, all seeded with
+    tensors involved to keep it cheap) are saved (as ``torch.random.fork_rng`` does), all seeded with
     :func:`step_seed` ``(seed, t)``, and restored on exit (also on an exception), so the caller's stream continues
     as if the block had not run. Blocks nest. ``host_rngs=True`` also reseeds, and restores, NumPy's global RNG
     and Python's ``random`` (from further words of the same SeedSequence; ~120 µs more). Yields the torch seed.
