@@ -12,6 +12,7 @@ from ..core.fixed import NonFiniteError
 from ..engine import REVERSAL_HINT, ReversalError
 from ..engine.buffers import Buffers
 from ..engine.problem import Problem
+from ..optim.autograd import grad as _grad
 from .inputs import Params
 from .module import ModuleBinding
 from .randomness import is_step_seeded, step_seeded
@@ -80,7 +81,7 @@ class TorchProblem(Problem):
             if not math.isfinite(loss.item()):
                 raise NonFiniteError(f"at step {t}: train_loss returned a non-finite value ({loss.item()})")
             if loss.requires_grad:
-                loss.backward(inputs=self._lv)
+                _grad([loss], self._lv, accumulate=True)
         self.aux = None if u is None else u.detach()
         return self._G
 
@@ -114,8 +115,7 @@ class TorchProblem(Problem):
         self._check_threads()
         with torch.enable_grad():
             loss, u = self._loss(self.leaves, t)
-            gs = torch.autograd.grad(loss, self._lv, create_graph=True, allow_unused=True) if loss.requires_grad \
-                else [None] * len(self._lv)
+            gs = _grad([loss], self._lv, create_graph=True) if loss.requires_grad else [None] * len(self._lv)
         with torch.no_grad():
             for x, v in zip(gs, self._gviews):
                 v.zero_() if x is None else v.copy_(x)
@@ -132,8 +132,7 @@ class TorchProblem(Problem):
             if not outs:
                 return self._add_into(acc, []), [None] * len(self.leaves)
             with torch.enable_grad():
-                out = torch.autograd.grad([o for o, _ in outs], wrt, grad_outputs=[c for _, c in outs],
-                                          allow_unused=True)
+                out = _grad([o for o, _ in outs], wrt, [c for _, c in outs])
             return self._add_into(acc, out[:n]), self._per_hyper(out[n:])
         return self._G, vjp
 

@@ -28,6 +28,7 @@ from .. import kernels
 from ..core.fixed import (DEFAULT_FRAC_BITS, LIMB, MAX_FRAC_BITS, MAX_FRAC_BITS_2, MIN_FRAC_BITS, NonFiniteError,
                           check_factors, check_frac_bits, decay_scales, fixed_range, to_fixed)
 from ..core.tapeformat import tape_storage
+from . import autograd
 
 _TWO63 = 2.0**63
 
@@ -474,7 +475,7 @@ class ReversibleOptimizer:
             outs = [w1_] + [st1_[k] for k in self.state_names]
             cots = [dw] + [dst[k] for k in self.state_names]
             ins = [w_, g_] + [st_[k] for k in self.state_names] + list(hp_.values())
-            grads = torch.autograd.grad(outs, ins, cots, allow_unused=True)
+            grads = autograd.grad(outs, ins, cots)
         z = lambda x, like: torch.zeros_like(like) if x is None else x  # noqa: E731
         dw0, dg = z(grads[0], w), z(grads[1], w)
         n = len(self.state_names)
