@@ -3,7 +3,9 @@
 // Lanes go in chunks of CHUNK lanes, chunks in parallel (OpenMP), lanes inside a chunk ascending. A chunk walks its
 // lanes segment by segment (segment = chunk ∩ group) and loads the group's parameters once per segment. Every lane
 // computes exactly the expressions of the specification, in its order, one IEEE rounding per operation (built
-// with -ffp-contract=off, no -ffast-math), and its first error code in op order.
+// with -ffp-contract=off, no -ffast-math), and its first error code in op order. One term is skipped where it
+// cannot change a result: the coupled weight decay lam·(f64(W)·ws) where lam = 0 (adding ±0 to the gradient can only
+// flip the sign of a zero, which rounds to the same integer).
 //
 // Tape: Python plans the op (TapeStorage.plan: per group the stack offset of the group's row, -1 for none; a push
 // reserves room first, so the word buffer does not move) and commits the counters after success. A lane's row
@@ -240,7 +242,7 @@ int64_t mom_seg(const MomArgs &A, int64_t lo, int64_t hi, double cv, double cp, 
         if (ST) {
             double g = static_cast<double>(Gp[i]);
             if (!std::isfinite(g)) { err = code(GRAD_NONFINITE, 0); return i; }
-            g = g + lam * (f64(w) * A.ws);
+            if (lam != 0.0) g = g + lam * (f64(w) * A.ws);   // lam = 0: g + ±0 rounds to the same integer below
             int64_t d;
             if (!fix((cv * g) * A.two_fv, d)) { err = code(TERM_OVERFLOW, 0); return i; }
             if (FWD) {
@@ -318,7 +320,7 @@ int64_t adam_range(const AdamArgs &A, int64_t a, int64_t b, bool undo, int &err)
             if (ST) {
                 double gr = static_cast<double>(Gp[i]);
                 if (!std::isfinite(gr)) { err = code(GRAD_NONFINITE, 0); return i; }
-                gr = gr + lam * (f64(w) * ws);
+                if (lam != 0.0) gr = gr + lam * (f64(w) * ws);   // as in momentum
                 int64_t d1, dh, dl;
                 if (!fix((c1 * gr) * A.two_fm, d1)) { err = code(TERM_OVERFLOW, 0); return i; }
                 if (!fix2((c2 * (gr * gr)) * A.two_fs, dh, dl)) { err = code(TERM_OVERFLOW, 1); return i; }

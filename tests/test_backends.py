@@ -188,7 +188,14 @@ def frozen(rng, a: np.ndarray) -> np.ndarray:
 
 
 def lam_of(rng, G: int) -> np.ndarray:
-    return np.zeros(1) if rng.random() < 0.5 else coef(rng, G, -4, -1)
+    """Coupled weight decay: ±0 for all groups (the compiled kernels skip the term), non-zero, or both by group."""
+    u = rng.random()
+    if u < 0.4:
+        return np.array([0.0 if rng.random() < 0.5 else -0.0])
+    v = np.array(coef(rng, G, -4, -1))
+    if u < 0.6 and v.shape[0] > 1:
+        v[rng.random(v.shape[0]) < 0.5] = rng.choice([0.0, -0.0])
+    return frozen(rng, v)
 
 
 def momentum_params(rng, G: int, fv: int, fw: int) -> MomentumParams:
@@ -212,6 +219,7 @@ def random_fixed(rng, L: int, frac: int, scale: float) -> np.ndarray:
 def random_grad(rng, L: int, dtype) -> np.ndarray:
     g = rng.standard_normal(L) * 10.0 ** rng.uniform(-3, 0.5, L)
     g[rng.random(L) < 0.05] = 0.0
+    g[rng.random(L) < 0.05] = -0.0
     return g.astype(dtype)
 
 

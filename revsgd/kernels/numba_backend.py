@@ -317,7 +317,8 @@ if available:
                     gr = np.float64(G32[i]) if g32 else G64[i]
                     if not np.isfinite(gr):
                         return i, _GRAD0
-                    gr = gr + lamg * (np.float64(w) * ws)
+                    if lamg != 0.0:   # lam = 0: g + ±0 rounds to the same integer below
+                        gr = gr + lamg * (np.float64(w) * ws)
                     ok, d = _fix((cvg * gr) * two_fv)
                     if not ok:
                         return i, _TERM0
@@ -451,7 +452,8 @@ if available:
                     gr = np.float64(G32[i]) if g32 else G64[i]
                     if not np.isfinite(gr):
                         return i, _GRAD0
-                    gr = gr + lam * (np.float64(w) * ws)
+                    if lam != 0.0:    # as in momentum
+                        gr = gr + lam * (np.float64(w) * ws)
                     ok, d1 = _fix((c1 * gr) * two_fm)
                     if not ok:
                         return i, _TERM0
