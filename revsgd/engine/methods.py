@@ -12,6 +12,7 @@ g_t). ``post`` — (w_{t+1}, state_{t+1}) — is the previous iteration's ``pre`
 """
 from __future__ import annotations
 
+from array import array
 from typing import Callable, Optional
 
 import torch
@@ -80,13 +81,13 @@ class Exact(Provider):
         self.ex: ExactState = (make_state(opt, w0, prob.P.detach(), plan, backend, state0) if make_state is not None
                                else opt.exact_init(w0, prob.P.detach(), plan, backend, state0, **(storage or {})))
         self.stats = {"backend": self.ex.be.name, "frac_bits": dict(opt.frac)}
-        self._fp: Optional[torch.Tensor] = None
+        self._fp: Optional[array] = None      # step t's gradient fingerprint (int64 words, 8 bytes a step)
         self._bufs: Optional[list] = None
         self.exb = None if prob.buffers is None else prob.buffers.exact(backend)
 
-    def _fingerprint(self, g) -> torch.Tensor:
+    def _fingerprint(self, g) -> int:
         fp = self.prob.fingerprint(g)
-        return fp if self.exb is None else fp + 3 * self.prob.fingerprint(self.prob.aux)
+        return int(fp if self.exb is None else fp + 3 * self.prob.fingerprint(self.prob.aux))
 
     def _floats(self, t: int, out: Optional[tuple] = None, reads: Optional[tuple] = None) -> State:
         w, st = self.opt.exact_floats(self.ex, t, self.plan, out, reads)
@@ -113,10 +114,10 @@ class Exact(Provider):
         self.T = T
         self.prob.set_params(self.ex.float_params())
         self._probe()
-        fp = torch.zeros(T, dtype=torch.int64, device=self.prob.device)
+        fp = array("q")
         for t in range(T):
             g = self.prob.grad(t)
-            fp[t] = self._fingerprint(g)
+            fp.append(self._fingerprint(g))
             try:
                 if self.exb is not None:
                     self.exb.step(self.prob.aux, t)
@@ -147,7 +148,7 @@ class Exact(Provider):
         self.ex.after_position()
 
     def after(self, t: int, g: torch.Tensor) -> State:
-        if int(self._fingerprint(g)) != int(self._fp[t]):
+        if self._fingerprint(g) != self._fp[t]:
             raise ReversalError(f"step {t}'s gradient differs between the forward and the reverse pass (same "
                                 f"params, different bits). " + REVERSAL_HINT)
         self._undo(t, self.opt.exact_undo_state, self.ex, g, t, self.plan)

@@ -60,12 +60,15 @@ class Problem:
     def fingerprint(self, g: torch.Tensor) -> torch.Tensor:
         """A 0-d int64 hash of g's bits: the wrapping integer sum of their bit patterns taken as int64 words (one
         reduction, no conversion; any change of a single element changes it; deterministic on every device)."""
-        flat = g.detach().reshape(-1)
-        if flat.dtype != torch.float64 and (flat.numel() * flat.element_size()) % 8 == 0:
-            bits = flat.view(torch.int64)             # pairs of float32 (or four float16) words
-        else:
-            bits = flat.view(torch.int64 if flat.dtype == torch.float64 else torch.int32)
-        return torch.sum(bits, dtype=torch.int64)
+        return torch.sum(bit_words(g), dtype=torch.int64)
+
+
+def bit_words(g: torch.Tensor) -> torch.Tensor:
+    """g's memory as integer words (a view): int64 where the bytes allow, else int32 (odd float32 counts)."""
+    flat = g.detach().reshape(-1)
+    if flat.dtype != torch.float64 and (flat.numel() * flat.element_size()) % 8 == 0:
+        return flat.view(torch.int64)             # pairs of float32 (or four float16) words
+    return flat.view(torch.int64 if flat.dtype == torch.float64 else torch.int32)
 
 
 class NumpyProblem(Problem):

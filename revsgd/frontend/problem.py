@@ -11,7 +11,7 @@ import contextlib
 from ..core.fixed import NonFiniteError
 from ..engine import REVERSAL_HINT, ReversalError
 from ..engine.buffers import Buffers
-from ..engine.problem import Problem
+from ..engine.problem import Problem, bit_words
 from ..optim.autograd import grad as _grad
 from .inputs import Params
 from .module import ModuleBinding
@@ -51,6 +51,7 @@ class TorchProblem(Problem):
         self._lv = list(self.views.values())
         self._G = torch.zeros_like(self.P)
         self._gviews = list(params.views(self._G).values())
+        self._Gbits = bit_words(self._G)
         self._vcache: dict = {}
         for leaf, gv in zip(self._lv, self._gviews):
             leaf.grad = gv
@@ -84,6 +85,11 @@ class TorchProblem(Problem):
                 _grad([loss], self._lv, accumulate=True)
         self.aux = None if u is None else u.detach()
         return self._G
+
+    def fingerprint(self, g: torch.Tensor) -> torch.Tensor:
+        if g is self._G:           # the gradient buffer (every step's g): its word view made once
+            return torch.sum(self._Gbits, dtype=torch.int64)
+        return super().fingerprint(g)
 
     def _leaf_views(self, x: torch.Tensor) -> list:
         """Per-leaf views of a flat buffer, made once per buffer (the sweep passes the same few every step). A cached

@@ -95,12 +95,12 @@ class Schedules:
             if into[k].dim() == 2:
                 grp.append(k)
             elif isinstance(v, tuple):
-                into[k][t] += lane_sum(*v)
+                into[k][t].add_(lane_sum(*v))
             elif isinstance(v, list):
                 for term in v:
-                    into[k][t] += lane_sum(*term) if isinstance(term, tuple) else term.sum()
+                    into[k][t].add_(lane_sum(*term) if isinstance(term, tuple) else term.sum())
             else:
-                into[k][t] += v.sum() if isinstance(v, torch.Tensor) and v.dim() else v
+                into[k][t].add_(v.sum() if isinstance(v, torch.Tensor) and v.dim() else v)
         if grp:
             vecs = [contribution(parts[k]).expand(self._gid.shape) for k in grp]
             sums = torch.segment_reduce(torch.stack(vecs, 1), "sum", lengths=self._lengths, axis=0)   # (G, K)
@@ -121,10 +121,12 @@ def lane_sum(*factors):
         else:
             c = c * f
     if len(ts) == 2:
-        return torch.dot(ts[0].reshape(-1), ts[1].reshape(-1)) * c
-    if len(ts) == 1:
-        return ts[0].sum() * c
-    raise ValueError("a contribution needs one or two per-lane tensors")
+        s = torch.dot(ts[0].reshape(-1), ts[1].reshape(-1))
+    elif len(ts) == 1:
+        s = ts[0].sum()
+    else:
+        raise ValueError("a contribution needs one or two per-lane tensors")
+    return s if isinstance(c, float) and c == 1.0 else s * c
 
 
 def contribution(v):
