@@ -148,7 +148,7 @@ def _check_pops(tapes, hs, names) -> None:
     for st, h, name in zip(tapes, hs, names):
         if st is None or h is None:
             continue
-        if st.depth == 0 or st.can_pop(h) is not None:
+        if st.depth == 0 or (h.any() and st.can_pop(h) is not None):
             raise TapeExhaustedError(f"cannot undo a decay of {name}: its tape holds fewer bits than the undo needs "
                                      f"(more reverse steps than forward steps, or a different schedule); nothing "
                                      f"was changed")
