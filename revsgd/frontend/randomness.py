@@ -94,14 +94,22 @@ def seeded(seed: int, t: int, devices: Optional[Iterable[DeviceLike]] = None, *,
     as if the block had not run. Blocks nest. ``host_rngs=True`` also reseeds, and restores, NumPy's global RNG
     and Python's ``random`` (from further words of the same SeedSequence; ~120 µs more). Yields the torch seed.
     """
-    seed, t = as_step(seed, "seed"), as_step(t)
-    cuda = _cuda_devices(devices)
+    saved = _enter(as_step(seed, "seed"), as_step(t), _cuda_devices(devices), host_rngs)
+    try:
+        yield saved[0]
+    finally:
+        _exit(saved)
+
+
+def _enter(seed: int, t: int, cuda: list, host_rngs: bool) -> tuple:
+    """Save the generators, seed them from (seed, t); returns (torch seed, what :func:`_exit` restores).
+    torch.random.fork_rng's save and restore, written out (it costs ~15 µs more per call, twice per step)."""
     w = _words(seed, t, 6 if host_rngs else 2)
     s = int(w[0]) | (int(w[1]) << 32)
-    # torch.random.fork_rng's save and restore, written out (it costs ~15 µs more per call, twice per step)
     cpu = torch.default_generator.get_state()
     gpu = [torch.cuda.get_rng_state(i) for i in cuda]
     host = (random.getstate(), np.random.get_state()) if host_rngs else None
+    saved = (s, cpu, cuda, gpu, host)
     try:
         torch.default_generator.manual_seed(s)
         for i in cuda:        # only the listed devices (torch.manual_seed would seed all)
@@ -109,14 +117,20 @@ def seeded(seed: int, t: int, devices: Optional[Iterable[DeviceLike]] = None, *,
         if host_rngs:
             np.random.seed(list(w[2:4]))
             random.seed(int(w[4]) | (int(w[5]) << 32))
-        yield s
-    finally:
-        torch.default_generator.set_state(cpu)
-        for i, st in zip(cuda, gpu):
-            torch.cuda.set_rng_state(st, i)
-        if host is not None:
-            random.setstate(host[0])
-            np.random.set_state(host[1])
+    except BaseException:
+        _exit(saved)
+        raise
+    return saved
+
+
+def _exit(saved: tuple) -> None:
+    _, cpu, cuda, gpu, host = saved
+    torch.default_generator.set_state(cpu)
+    for i, st in zip(cuda, gpu):
+        torch.cuda.set_rng_state(st, i)
+    if host is not None:
+        random.setstate(host[0])
+        np.random.set_state(host[1])
 
 
 TrainLoss = Callable[[Any, Any, int], Any]
@@ -133,9 +147,12 @@ def step_seeded(train_loss: TrainLoss, seed: int, *, devices: Optional[Iterable[
     cuda = None if devices is None else _cuda_devices(devices)
 
     @functools.wraps(train_loss)
-    def stepped(params: Any, hypers: Any, t: int) -> Any:
-        with seeded(seed, t, cuda, host_rngs=host_rngs):
+    def stepped(params: Any, hypers: Any, t: int) -> Any:     # seeded(seed, t, ...) without the context manager
+        saved = _enter(seed, as_step(t), _cuda_devices(None) if cuda is None else cuda, host_rngs)
+        try:
             return train_loss(params, hypers, t)
+        finally:
+            _exit(saved)
 
     stepped.__revsgd_step_seed__ = seed  # type: ignore[attr-defined]
     return stepped
