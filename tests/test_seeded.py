@@ -1,5 +1,6 @@
 """seeded / step_seeded: torch's global randomness inside a block is a pure function of (seed, t), and the caller's
-RNG state is left as it was."""
+RNG state is left as it was; the seeds are NumPy's SeedSequence words, also where revsgd computes them 1,024 steps at a
+time."""
 from __future__ import annotations
 
 import random
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from revsgd.frontend.data import StepSampler
-from revsgd.frontend.randomness import DOMAIN, is_step_seeded, seeded, step_seed, step_seeded
+from revsgd.frontend.randomness import (DOMAIN, is_step_seeded, seed_sequence_words, seeded, step_seed,
+                                       step_seeded)
 
 
 def _draws():
@@ -89,6 +91,27 @@ def test_yields_step_seed_and_seed_derivation():
     assert abs(bits.mean() - 0.5) < 0.02                     # consecutive steps: ~half the bits differ
     flips = (bits[1:] != bits[:-1]).mean(axis=1)
     assert abs(flips.mean() - 0.5) < 0.02 and 0.2 < flips.min() and flips.max() < 0.8   # ±4.8σ per pair
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5, 2**32 - 1, 2**32, 2**63 + 11, 2**96 + 3, 2**127 + 1, 2**130 + 7])
+@pytest.mark.parametrize("n", [1, 2, 6, 9])
+def test_seed_sequence_words_equal_numpy(seed, n):
+    rng = np.random.default_rng(seed % 1000 + n)
+    ts = np.concatenate([[0, 1, 1023, 1024, 2**31, 2**32 - 1], rng.integers(0, 2**32, 40)]).astype(np.uint32)
+    ref = np.array([np.random.SeedSequence(seed, spawn_key=(DOMAIN, int(t))).generate_state(n, np.uint32)
+                    for t in ts])
+    assert np.array_equal(seed_sequence_words(seed, (DOMAIN,), ts, n), ref)
+    assert np.array_equal(seed_sequence_words(seed, (DOMAIN, 9), ts, n)[:3],
+                          [np.random.SeedSequence(seed, spawn_key=(DOMAIN, 9, int(t))).generate_state(n, np.uint32)
+                           for t in ts[:3]])
+
+
+@pytest.mark.parametrize("t", [0, 1023, 1024, 5000, 2**32 - 1, 2**32, 2**32 + 1025, 2**40])
+def test_step_seed_equals_seed_sequence_on_every_block(t):
+    """Blocks of 1,024 steps (vectorised), and steps of two words (NumPy's own, step by step)."""
+    for seed in (0, 7, 2**64 + 1):
+        w = np.random.SeedSequence(seed, spawn_key=(DOMAIN, t)).generate_state(2, np.uint32)
+        assert step_seed(seed, t) == int(w[0]) | (int(w[1]) << 32)
 
 
 def test_numpy_and_python_rngs_untouched_by_default():
