@@ -83,7 +83,7 @@ Examples::
     revsgd bench --out bench_out                                # digits, heavyball, T in {100, 1000}
     python scripts/bench_unroll.py --quick                      # smoke run of all three problems, ~2-3 min
     python scripts/bench_unroll.py --quick --optimizer adam     # the same for Adam
-    python scripts/bench_unroll.py --out out/bench_unroll.json --png out/bench_unroll.png   # the full tables (long)
+    python scripts/bench_unroll.py --out out/bench_unroll.json        # the full tables (long); figure out/bench_unroll.png
     python scripts/bench_unroll.py --problem digits --steps 1000 --methods exact naive torchopt plain --exact-extra
 """
 from __future__ import annotations
@@ -792,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=_pos_int, default=None,
                     help="children run at the same time (default 1; timings are only clean with 1)")
     ap.add_argument("--out", default="bench_unroll.json", help="JSON output file")
-    ap.add_argument("--png", default="bench_unroll.png", help="figure output file")
+    ap.add_argument("--png", default=None, help="figure output file (default: --out with .png)")
     ap.add_argument("--repeats", type=_pos_int, default=1,
                     help="fresh children per cell; the fastest ok run is reported, all are kept in the JSON")
     ap.add_argument("--keep-grads", action="store_true", help="keep the per-child .npz files (next to --out)")
@@ -846,6 +846,8 @@ def main(argv=None) -> int:
     from .peers import peer_missing, peer_unsupported
     missing = {m: peer_missing(m) or peer_unsupported(m, a.optimizer) for m in PEER_METHODS}
     jobs = plan_cells(a.problem, a.steps, a.methods, a.exact_extra, a.quick, a.optimizer)
+    if a.png is None:
+        a.png = os.path.splitext(a.out)[0] + ".png"
     for p in (a.out, a.png):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     tmpdir = (os.path.splitext(os.path.abspath(a.out))[0] + "_grads") if a.keep_grads else tempfile.mkdtemp(
