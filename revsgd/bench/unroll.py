@@ -83,7 +83,7 @@ Examples::
     revsgd bench --out bench_out                                # digits, heavyball, T in {100, 1000}
     python scripts/bench_unroll.py --quick                      # smoke run of all three problems, ~2-3 min
     python scripts/bench_unroll.py --quick --optimizer adam     # the same for Adam
-    python scripts/bench_unroll.py --out out/bench_unroll.json        # the full tables (long); figure out/bench_unroll.png
+    python scripts/bench_unroll.py --out out/bench_unroll.json  # the full tables (long); figure out/bench_unroll.png
     python scripts/bench_unroll.py --problem digits --steps 1000 --methods exact naive torchopt plain --exact-extra
 """
 from __future__ import annotations

@@ -10,8 +10,9 @@ the child of ``SeedSequence(seed)`` with spawn key ``(DOMAIN, t)``, where ``DOMA
 so nearby (seed, t) pairs get decorrelated seeds, no two (seed, t) pairs alias (unlike the flat entropy list
 ``[seed, t]``, whose words are concatenated), and the streams differ from ``default_rng([seed, e])``, the data order
 of :class:`~revsgd.frontend.data.StepSampler` for the same seed. They are made 1,024 steps at a time by the same
-algorithm vectorised over t (:func:`seed_sequence_words`; ~16 µs a step otherwise). Torch's CPU generator (MT19937) only uses the low
-32 bits of its seed, so over ~10⁵ steps two steps may share the same CPU random stream; that is harmless here.
+algorithm vectorised over t (:func:`seed_sequence_words`; ~16 µs a step otherwise). Torch's CPU generator (MT19937)
+only uses the low 32 bits of its seed, so over ~10⁵ steps two steps may share the same CPU random stream; that is
+harmless here.
 
 Only torch's generators (CPU, and the CUDA devices listed) are reseeded by default. NumPy's global RNG
 (``np.random.rand``...) and Python's ``random`` module are reseeded only with ``host_rngs=True``, which costs
