@@ -239,7 +239,7 @@ class ExactState:
     def arr(self, t: torch.Tensor):
         """The array a kernel takes for a full-length tensor ``t`` (this state's lanes; a NumPy view on CPU). The
         last one is kept (the gradient buffer is the same every step): it holds its memory, so a tensor at the same
-        address, of the same dtype and length, is that memory."""
+        address, of the same dtype, device and length, is that memory."""
         key = (t.data_ptr(), t.dtype, t.device, t.shape[0])
         if self._arr is not None and self._arr[0] == key:
             return self._arr[1]
